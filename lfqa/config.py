@@ -1,0 +1,417 @@
+"""Job configuration: one typed dataclass per concern, nested in :class:`JobConfig`.
+
+A job is a YAML file in ``jobs/`` plus dotted ``key=value`` overrides from the command line::
+
+    python -m lfqa.train jobs/tiny-cpu.yaml train.learning_rate=3e-4 eval.every_steps=0
+
+Every key is checked against the dataclasses below before any model, data set or process group is
+created: an unknown key, a wrong type or an impossible value raises :class:`ConfigError` with one line
+that names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A job configuration problem; ``str(err)`` is one line naming the file and the key."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    # Raised from __post_init__; load_job() prefixes the file name.
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the tiny random LED that ``model.name_or_path: tiny-led`` builds locally (no download)."""
+
+    d_model: int = 64
+    """Hidden size."""
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    attention_heads: int = 2
+    """Heads in every encoder and decoder layer."""
+    ffn_dim: int = 128
+    attention_window: int = 16
+    """Local attention window of the encoder (even; LED pads inputs to a multiple of it)."""
+    max_input_tokens: int = 2048
+    """Encoder position embeddings."""
+    max_answer_tokens: int = 256
+    """Decoder position embeddings."""
+    vocab_size: int = 2000
+    """Target vocabulary of the byte-level BPE tokenizer trained on the bundled data."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "encoder_layers", "decoder_layers", "attention_heads", "ffn_dim",
+                     "max_input_tokens", "max_answer_tokens"):
+            _check(getattr(self, name) > 0, f"model.tiny.{name}", "must be > 0")
+        _check(self.d_model % self.attention_heads == 0, "model.tiny.d_model",
+               "must be divisible by model.tiny.attention_heads")
+        _check(self.attention_window >= 2 and self.attention_window % 2 == 0, "model.tiny.attention_window",
+               "must be an even number >= 2")
+        _check(self.vocab_size >= 300, "model.tiny.vocab_size", "must be >= 300 (256 bytes + special tokens)")
+
+
+@dataclass
+class ModelConfig:
+    """Which model and tokenizer to fine-tune."""
+
+    name_or_path: str = "allenai/led-base-16384"
+    """A hub id, a local folder written by save_pretrained, or ``tiny-led`` (built from ``model.tiny``)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub id."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    cache_dir: str = ".cache/lfqa/models"
+    """Where the tiny model is built (once per shape and data)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 20-30% more compute."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
+
+
+@dataclass
+class FieldsConfig:
+    """Where the question, answer and context live in a row; dotted paths reach into nested values.
+
+    ``answer: answers.0`` takes the first element of a list, ``answer: answer.text`` a key of an object.
+    The context may be a list of strings (LFQA), one string (a ``document``), or a list of objects
+    (``passages`` with ``{title, text}``): see ``passage_title`` and ``passage_text``.
+    """
+
+    question: str = "question"
+    answer: str = "answer"
+    context: str = "context"
+    passage_title: str = "title"
+    """Key of a passage's title when the context is a list of objects (missing titles are fine)."""
+    passage_text: str = "text"
+    """Key of a passage's text when the context is a list of objects."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check(bool(getattr(self, f.name).strip()), f"data.fields.{f.name}", "must not be empty")
+
+
+@dataclass
+class DataConfig:
+    """Training and validation data, filtering and batching."""
+
+    dataset: str | None = None
+    """A hub data set id or a local data set folder, read with ``datasets.load_dataset``."""
+    train_split: str = "train"
+    validation_split: str = "validation"
+    train_files: list[str] = field(default_factory=list)
+    """Local JSON / JSONL / Parquet files (globs allowed); used instead of ``dataset``."""
+    validation_files: list[str] = field(default_factory=list)
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    max_answer_tokens: int = 512
+    """Rows whose answer is longer (in model tokens, special tokens included) are dropped and counted."""
+    max_input_tokens: int = 16384
+    """Inputs are truncated to this many tokens; truncated rows are counted."""
+    max_train_samples: int | None = None
+    """Use only the first N usable training rows (after filtering)."""
+    max_eval_samples: int | None = None
+    """Use only the first N usable validation rows (after filtering)."""
+    global_attention: Literal["question", "first_token"] = "question"
+    """Global attention on every question token, or on the first token only (the seed's choice)."""
+    batch_size: int = 2
+    """Examples per batch on each process (the micro batch)."""
+    group_by_length: bool = True
+    """Batch examples of similar input and answer lengths together (less padding)."""
+    length_group_size: int = 64
+    """Batches per sorted group: larger means less padding, but less randomness."""
+    cache_dir: str = ".cache/lfqa/datasets"
+    """Tokenised data is cached here; a second run with the same data and settings skips tokenisation."""
+
+    def __post_init__(self) -> None:
+        has_files = bool(self.train_files)
+        _check(has_files != bool(self.dataset), "data.dataset",
+               "set exactly one of data.dataset and data.train_files")
+        if has_files:
+            _check(bool(self.validation_files), "data.validation_files",
+                   "must be set when data.train_files is set")
+        _check(self.max_answer_tokens > 0, "data.max_answer_tokens", "must be > 0")
+        _check(self.max_input_tokens > 0, "data.max_input_tokens", "must be > 0")
+        _check(self.batch_size > 0, "data.batch_size", "must be > 0")
+        _check(self.length_group_size > 0, "data.length_group_size", "must be > 0")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"data.{name}", "must be > 0 or null")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    seed: int = 42
+    """Seeds weights of new models, dropout and the data order: the same seed gives the same run."""
+    epochs: int = 1
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides ``epochs`` when set)."""
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to ``learning_rate``, then linear decay to 0 at the last step."""
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; null disables clipping."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Mixed precision through accelerate (bf16 works on CPUs and Ampere+ GPUs)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "train.epochs", "must be > 0")
+        _check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "must be > 0 or null")
+        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "train.adam_beta1",
+               "Adam betas must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm", "must be > 0 or null")
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings for evaluation and answering (passed to ``model.generate``).
+
+    The decoder start token is deliberately not configurable: it always comes from the model's own
+    config, the same token that training used (see ``lfqa.modeling.check_decoder_start``).
+    """
+
+    num_beams: int = 4
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    early_stopping: bool = True
+    """Stop beam search when every beam has finished (only used with num_beams > 1)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_beams > 0, "eval.generation.num_beams", "must be > 0")
+        _check(self.max_new_tokens > 0, "eval.generation.max_new_tokens", "must be > 0")
+        _check(0 <= self.min_new_tokens <= self.max_new_tokens, "eval.generation.min_new_tokens",
+               "must be between 0 and eval.generation.max_new_tokens")
+        _check(self.no_repeat_ngram_size >= 0, "eval.generation.no_repeat_ngram_size", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation: validation loss plus ROUGE on generated answers."""
+
+    every_steps: int = 0
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    at_start: bool = False
+    """Also evaluate before the first step, to show what the untrained model does."""
+    batch_size: int = 4
+    max_generate_samples: int | None = 64
+    """Generate answers for at most N validation rows (generation is the slow part); null: all."""
+    num_examples_to_print: int = 2
+    """Question / generated / reference triples printed at each evaluation."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
+        _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
+        _check(self.max_generate_samples is None or self.max_generate_samples >= 0, "eval.max_generate_samples",
+               "must be >= 0 or null")
+        _check(self.num_examples_to_print >= 0, "eval.num_examples_to_print", "must be >= 0")
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes its files."""
+
+    dir: str = "runs/default"
+    """Run folder: metrics.jsonl, eval reports, and model/ (the final model, tokenizer and job.yaml)."""
+    overwrite: bool = True
+    """Replace a finished model in ``dir``; false makes a run fail if ``dir/model`` exists."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir.strip()), "output.dir", "must not be empty")
+
+
+@dataclass
+class TrackingConfig:
+    """Metrics logging."""
+
+    log_every_steps: int = 10
+    """A log line (and a metrics.jsonl record) every N optimizer steps."""
+    progress_bar: bool = True
+    """A tqdm bar with loss, learning rate and samples/s on the main process."""
+
+    def __post_init__(self) -> None:
+        _check(self.log_every_steps > 0, "tracking.log_every_steps", "must be > 0")
+
+
+@dataclass
+class JobConfig:
+    """A whole training job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(dataset="LLukas22/lfqa_preprocessed"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    kind = "null" if value is None else type(value).__name__
+    return f"{kind} {value!r}" if len(repr(value)) <= 40 else kind
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {_describe(value)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {_describe(value)}")
+        return _build(tp, value, key)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "3e-4" as a string; that is how people write learning rates.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    else:  # pragma: no cover - a new annotation type in this module
+        raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{dotted}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{'.'.join(parts[: i + 1])}' is not a section, cannot set '{dotted}'")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.learning_rate=3e-4`` -> ``("train.learning_rate", 3e-4)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}': expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err.__class__.__name__})") from None
+    return key, value
+
+
+def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job YAML, apply ``key=value`` overrides and validate everything.
+
+    Raises :class:`ConfigError` whose message starts with the file name (or ``override``).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read job file ({err.strerror or err})") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {_describe(tree)}")
+    source = str(path)
+    for text_override in overrides:
+        key, value = parse_override(text_override)
+        _set_dotted(tree, key, value, f"{path} (override '{text_override}')")
+        source = f"{path} (with overrides)"
+    try:
+        return _build(JobConfig, tree)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except TypeError as err:  # pragma: no cover - defensive: a dataclass rejected its arguments
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def job_to_dict(job: JobConfig) -> dict:
+    """The resolved configuration as plain data (what ``job.yaml`` in a run folder holds)."""
+    return dataclasses.asdict(job)
+
+
+def dump_job(job: JobConfig) -> str:
+    return yaml.safe_dump(job_to_dict(job), sort_keys=False)

@@ -1,0 +1,450 @@
+"""Data pipeline: read rows, map them to the LFQA schema, filter, tokenise (cached), batch.
+
+Rows come from a hub data set (``data.dataset``, read with ``datasets.load_dataset``) or from local
+JSON / JSONL / Parquet files (``data.train_files``). Each row is mapped to ``question``, ``answer`` and a
+list of context passages (see :class:`lfqa.config.FieldsConfig`); malformed rows are counted, reported
+with their file and row number, and skipped. The model input is ``question: ... context: ...``.
+
+Batching pads inputs only to a multiple of the model's attention window (LED pads to it anyway) and
+groups examples of similar input and answer lengths, so little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from lfqa.config import DataConfig, FieldsConfig
+
+# Bump when the tokenised layout changes, so old cache files are not reused.
+PIPELINE_VERSION = "1"
+MAX_REPORTED_PROBLEMS = 10
+
+
+class DataError(RuntimeError):
+    """Unusable data: the message names the file, data set or row."""
+
+
+@dataclass
+class Example:
+    question: str
+    answer: str
+    contexts: list[str]
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of one split, printed at start-up and kept in the run folder."""
+
+    source: str
+    rows_read: int = 0
+    malformed: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+    """The first few malformed rows as ``file:row: reason``."""
+    dropped_long_answer: int = 0
+    truncated_inputs: int = 0
+    kept: int = 0
+    limited_to: int | None = None
+
+    def add_problem(self, where: str, reason: str) -> None:
+        self.malformed[reason] += 1
+        if len(self.problems) < MAX_REPORTED_PROBLEMS:
+            self.problems.append(f"{where}: {reason}")
+
+    @property
+    def malformed_total(self) -> int:
+        return sum(self.malformed.values())
+
+    def lines(self, max_answer_tokens: int, max_input_tokens: int) -> list[str]:
+        out = [f"{self.source}: {self.rows_read} rows read, {self.kept} used"]
+        if self.malformed_total:
+            reasons = ", ".join(f"{n} {r}" for r, n in self.malformed.most_common())
+            out.append(f"  skipped {self.malformed_total} malformed rows ({reasons})")
+            out.extend(f"    {p}" for p in self.problems)
+            if self.malformed_total > len(self.problems):
+                out.append(f"    ... and {self.malformed_total - len(self.problems)} more")
+        if self.dropped_long_answer:
+            out.append(f"  dropped {self.dropped_long_answer} rows whose answer is longer than "
+                       f"{max_answer_tokens} tokens")
+        if self.truncated_inputs:
+            out.append(f"  truncated {self.truncated_inputs} inputs to {max_input_tokens} tokens")
+        if self.limited_to is not None:
+            out.append(f"  limited to the first {self.limited_to} usable rows")
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["malformed"] = dict(self.malformed)
+        return d
+
+
+# --- reading and schema mapping ---------------------------------------------------------------------
+
+
+def get_path(row: Any, dotted: str) -> Any:
+    """``get_path({"answers": [{"text": "x"}]}, "answers.0.text") == "x"``; KeyError when absent."""
+    value = row
+    for part in dotted.split("."):
+        if isinstance(value, dict):
+            if part not in value:
+                raise KeyError(dotted)
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit():
+            index = int(part)
+            if not -len(value) <= index < len(value):
+                raise KeyError(dotted)
+            value = value[index]
+        else:
+            raise KeyError(dotted)
+    return value
+
+
+def _passages(value: Any, fields: FieldsConfig) -> list[str] | None:
+    """Context as a list of passage strings, or None when its type is not one we understand."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        return None
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict) and isinstance(item.get(fields.passage_text), str):
+            title = item.get(fields.passage_title)
+            text = item[fields.passage_text]
+            out.append(f"{title}: {text}" if isinstance(title, str) and title.strip() else text)
+        else:
+            return None
+    return out
+
+
+def normalise_row(row: Any, fields: FieldsConfig) -> Example | str:
+    """Map one raw row to an :class:`Example`, or return the reason it is malformed."""
+    if not isinstance(row, dict):
+        return "row is not an object"
+    values = {}
+    for name in ("question", "answer"):
+        path = getattr(fields, name)
+        try:
+            value = get_path(row, path)
+        except KeyError:
+            value = None
+        if value is None:  # Arrow-backed data sets fill absent fields with null
+            return f"missing {name} field '{path}'"
+        if not isinstance(value, str):
+            return f"{name} field '{path}' is not a string"
+        if not value.strip():
+            return f"empty {name}"
+        values[name] = value.strip()
+    try:
+        raw_context = get_path(row, fields.context)
+    except KeyError:
+        raw_context = None
+    if raw_context is None:
+        return f"missing context field '{fields.context}'"
+    contexts = _passages(raw_context, fields)
+    if contexts is None:
+        return (f"context field '{fields.context}' is a {type(raw_context).__name__}, expected a string, "
+                f"a list of strings or a list of objects with '{fields.passage_text}'")
+    contexts = [c.strip() for c in contexts if c.strip()]
+    return Example(values["question"], values["answer"], contexts)
+
+
+def expand_files(patterns: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise DataError(f"{pattern}: no file matches")
+        for match in matches:
+            path = Path(match)
+            if not path.is_file():
+                raise DataError(f"{path}: no such file")
+            files.append(path)
+    return files
+
+
+def iter_file_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield ``(row_number, row, problem)``; rows are numbered from 1 (JSONL: the line number)."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(line), None
+                except json.JSONDecodeError:
+                    yield line_no, None, "line is not valid JSON"
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not valid JSON ({err.__class__.__name__}); "
+                            "use .jsonl for one object per line") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
+        for i, row in enumerate(data, start=1):
+            yield i, row, None
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises several unrelated types for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({err.__class__.__name__})") from None
+        for i, row in enumerate(table.to_pylist(), start=1):
+            yield i, row, None
+    else:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json or .parquet)")
+
+
+def read_files(patterns: list[str], fields: FieldsConfig) -> tuple[list[Example], DataReport, str]:
+    """Read and normalise local files. Returns the examples, the report and a content fingerprint."""
+    files = expand_files(patterns)
+    report = DataReport(source=", ".join(str(f) for f in files))
+    digest = hashlib.sha256()
+    examples: list[Example] = []
+    for path in files:
+        digest.update(str(path.name).encode())
+        digest.update(path.read_bytes())
+        before = len(examples)
+        for row_no, row, problem in iter_file_rows(path):
+            report.rows_read += 1
+            result = problem or normalise_row(row, fields)
+            if isinstance(result, str):
+                report.add_problem(f"{path}:{row_no}", result)
+            else:
+                examples.append(result)
+        if len(examples) == before:
+            raise DataError(f"{path}: no usable rows ({report.malformed_total} malformed"
+                            + (f"; first: {report.problems[0]}" if report.problems else "") + ")")
+    return examples, report, digest.hexdigest()
+
+
+def read_hub_split(dataset: str, split: str, fields: FieldsConfig) -> tuple[list[Example], DataReport, str]:
+    """Read a split of a hub data set (or a local data set folder) through ``datasets.load_dataset``."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset, split=split)
+    except Exception as err:  # datasets raises many types (connection, missing split, bad repo id)
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+        raise DataError(f"cannot load data set '{dataset}' split '{split}': {first}") from None
+    report = DataReport(source=f"{dataset}[{split}]")
+    examples = []
+    for i, row in enumerate(ds):
+        report.rows_read += 1
+        result = normalise_row(row, fields)
+        if isinstance(result, str):
+            report.add_problem(f"{dataset}[{split}] row {i}", result)
+        else:
+            examples.append(result)
+    if not examples:
+        raise DataError(f"{dataset}[{split}]: no usable rows ({report.malformed_total} malformed)")
+    return examples, report, ds._fingerprint
+
+
+def read_split(cfg: DataConfig, split: str) -> tuple[list[Example], DataReport, str]:
+    if cfg.dataset:
+        hub_split = cfg.train_split if split == "train" else cfg.validation_split
+        return read_hub_split(cfg.dataset, hub_split, cfg.fields)
+    return read_files(cfg.train_files if split == "train" else cfg.validation_files, cfg.fields)
+
+
+# --- tokenisation -------------------------------------------------------------------------------------
+
+
+def format_input(question: str, contexts: list[str]) -> str:
+    """The model input, as the seed and the LFQA data set's authors wrote it."""
+    return f"question: {question} context: {' '.join(contexts)}"
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tokenize_examples(
+    examples: list[Example],
+    tokenizer,
+    cfg: DataConfig,
+    report: DataReport,
+    data_fingerprint: str,
+    *,
+    max_input_tokens: int,
+    max_answer_tokens: int,
+    limit: int | None,
+    log=print,
+):
+    """Tokenise with ``datasets.map`` into a cache file keyed by data, tokenizer and settings.
+
+    Returns a ``datasets.Dataset`` with ``input_ids``, ``labels`` and ``num_global`` (the number of
+    leading tokens that get global attention), already filtered; updates ``report`` with the counts.
+    """
+    import datasets
+
+    key = hashlib.sha256(json.dumps({
+        "v": PIPELINE_VERSION, "data": data_fingerprint, "fields": asdict(cfg.fields),
+        "tokenizer": _tokenizer_fingerprint(tokenizer), "max_input_tokens": max_input_tokens,
+        "global_attention": cfg.global_attention,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    cache_file = Path(cfg.cache_dir) / f"tokenised-{key}.arrow"
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    eos = tokenizer.eos_token_id
+
+    def encode(batch, indices):
+        inputs = [format_input(q, c) for q, c in zip(batch["question"], batch["context"])]
+        input_ids = tokenizer(inputs, add_special_tokens=True)["input_ids"]
+        truncated = [len(ids) > max_input_tokens for ids in input_ids]
+        # Keep the closing </s> when cutting, as tokenizer truncation would.
+        input_ids = [ids[: max_input_tokens - 1] + [eos] if cut else ids for ids, cut in zip(input_ids, truncated)]
+        if cfg.global_attention == "question":
+            prefixes = tokenizer([f"question: {q}" for q in batch["question"]], add_special_tokens=True)["input_ids"]
+            # Without the prefix's closing </s>: <s> plus the question tokens.
+            num_global = [min(len(p) - 1, len(ids)) for p, ids in zip(prefixes, input_ids)]
+        else:
+            num_global = [1] * len(input_ids)
+        labels = tokenizer(text_target=batch["answer"], add_special_tokens=True)["input_ids"]
+        return {"input_ids": input_ids, "labels": labels, "num_global": num_global, "truncated": truncated,
+                "row_id": indices}
+
+    raw = datasets.Dataset.from_dict({
+        "question": [e.question for e in examples],
+        "answer": [e.answer for e in examples],
+        "context": [e.contexts for e in examples],
+    })
+    cached = cache_file.exists()
+    tokenised = raw.map(encode, batched=True, with_indices=True, batch_size=256, remove_columns=raw.column_names,
+                        cache_file_name=str(cache_file), load_from_cache_file=True,
+                        desc=f"Tokenising {report.source}")
+    log(f"{report.source}: {'loaded tokenised rows from cache' if cached else 'tokenised'} {cache_file}")
+
+    label_lengths = np.array([len(x) for x in tokenised["labels"]])
+    keep = np.flatnonzero(label_lengths <= max_answer_tokens)
+    report.dropped_long_answer = int(len(label_lengths) - len(keep))
+    truncated = np.array(tokenised["truncated"], dtype=bool)
+    report.truncated_inputs = int(truncated[keep].sum())
+    if limit is not None and len(keep) > limit:
+        keep = keep[:limit]
+        report.limited_to = limit
+    report.kept = int(len(keep))
+    if report.kept == 0:
+        raise DataError(f"{report.source}: no rows left after filtering answers longer than "
+                        f"{max_answer_tokens} tokens")
+    # row_id: the row's position in ``examples``, to find its question and reference text again.
+    return tokenised.select(keep.tolist()).remove_columns(["truncated"])
+
+
+# --- batching -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Seq2SeqCollator:
+    """Pads a list of tokenised rows into a batch for LED.
+
+    Inputs are padded to the longest input rounded up to ``pad_to_multiple_of`` (the attention
+    window), never to a fixed maximum. LED pads to the window inside the encoder anyway; doing it here
+    gives every rank the same shapes (ZeRO-3 needs that) and exact padding statistics. Labels are padded
+    with -100 so that padding is ignored by the loss.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        width = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        label_width = max(len(r["labels"]) for r in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        global_attention_mask = torch.zeros((n, width), dtype=torch.long)
+        labels = torch.full((n, label_width), -100, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids = row["input_ids"]
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, : len(ids)] = 1
+            global_attention_mask[i, : max(1, int(row["num_global"]))] = 1
+            labels[i, : len(row["labels"])] = torch.tensor(row["labels"], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "global_attention_mask": global_attention_mask, "labels": labels}
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Deterministic, length-grouped batches, split between ranks.
+
+    Each epoch: shuffle all indices with ``(seed, epoch)``, cut them into groups of ``group_size``
+    batches, sort each group by (input length rounded up to the window, answer length), cut it into
+    batches and shuffle the batch order. Rounding inputs to the window first matters: LED pads inputs to
+    the window anyway, so ordering by answer length within a window bucket removes decoder padding for
+    free. Rank ``r`` of ``w`` takes batches ``r, r + w, ...``; the list is padded by wrapping around so
+    that every rank runs the same number of steps (as ``DistributedSampler`` does).
+    """
+
+    def __init__(self, input_lengths, label_lengths, batch_size: int, *, window: int = 1, group_size: int = 64,
+                 group_by_length: bool = True, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.input_lengths = np.asarray(input_lengths)
+        self.label_lengths = np.asarray(label_lengths)
+        self.batch_size = batch_size
+        self.window = max(1, window)
+        self.group_size = group_size
+        self.group_by_length = group_by_length
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def all_batches(self) -> list[list[int]]:
+        """Every rank's batches for the current epoch, in order (rank r takes r, r + w, ...)."""
+        n = len(self.input_lengths)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        batches: list[list[int]] = []
+        chunk = self.batch_size * (self.group_size if self.group_by_length else 1)
+        for start in range(0, n, chunk):
+            group = order[start:start + chunk]
+            if self.group_by_length:
+                buckets = -(-self.input_lengths[group] // self.window)
+                group = group[np.lexsort((self.label_lengths[group], buckets))]
+            batches.extend(group[i:i + self.batch_size].tolist() for i in range(0, len(group), self.batch_size))
+        if self.shuffle and self.group_by_length:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        remainder = (-len(batches)) % self.world_size
+        return batches + batches[:remainder]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.all_batches()[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        # Groups hold whole batches, so only the very last batch can be short.
+        total = math.ceil(len(self.input_lengths) / self.batch_size)
+        return math.ceil(total / self.world_size)
+
+
+def padding_efficiency(batch: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
+    """(real input tokens, padded input tokens, real answer tokens, padded answer tokens) of a batch."""
+    labels = batch["labels"]
+    return (int(batch["attention_mask"].sum()), batch["input_ids"].numel(),
+            int((labels != -100).sum()), labels.numel())

@@ -1,0 +1,95 @@
+"""Evaluation during training: validation loss and ROUGE on generated answers, split between ranks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from accelerate.utils import gather_object
+
+from lfqa.config import EvalConfig, GenerationConfig
+from lfqa.data import Seq2SeqCollator
+from lfqa.metrics import rouge
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    rouge: dict[str, float]
+    samples: list[dict] = field(default_factory=list)
+    """Question / generated / reference triples, in validation order."""
+    num_loss_examples: int = 0
+    num_generated: int = 0
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        return {f"{prefix}loss": self.loss, **{f"{prefix}{k}": v for k, v in self.rouge.items()}}
+
+
+def generation_kwargs(gen: GenerationConfig) -> dict:
+    # decoder_start_token_id is left to the model's generation_config, which lfqa.modeling keeps equal
+    # to the token training used.
+    kwargs = asdict(gen)
+    if gen.num_beams == 1:
+        kwargs.pop("early_stopping")  # a beam-search flag; transformers warns when it is set for greedy
+    return kwargs
+
+
+def _batches(indices: list[int], size: int):
+    for i in range(0, len(indices), size):
+        yield indices[i:i + size]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, dataset, questions: list[str], references: list[str], cfg: EvalConfig,
+             accelerator, collator: Seq2SeqCollator) -> EvalResult:
+    """Loss on every validation row, generated answers for the first ``max_generate_samples``.
+
+    Rows are dealt out round-robin to the ranks (sorted by length first, so batches pad little); the
+    sums and the generated texts are gathered, so every rank returns the same result.
+    """
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    lengths = [len(x) for x in dataset["input_ids"]]
+    by_length = sorted(range(len(dataset)), key=lambda i: lengths[i])
+    mine = by_length[rank::world]
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    token_count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for idx in _batches(mine, cfg.batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collator([dataset[i] for i in idx]).items()}
+        with accelerator.autocast():
+            out = model(**batch)
+        n_tokens = (batch["labels"] != -100).sum()
+        loss_sum += out.loss.double() * n_tokens
+        token_count += n_tokens
+    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    token_count = accelerator.reduce(token_count, reduction="sum")
+    loss = float(loss_sum / token_count) if token_count > 0 else math.nan
+
+    limit = len(dataset) if cfg.max_generate_samples is None else min(cfg.max_generate_samples, len(dataset))
+    gen_set = set(range(limit))
+    mine_gen = [i for i in mine if i in gen_set]
+    predictions: list[tuple[int, str]] = []
+    kwargs = generation_kwargs(cfg.generation)
+    for idx in _batches(mine_gen, cfg.batch_size):
+        batch = collator([dataset[i] for i in idx])
+        with accelerator.autocast():
+            generated = unwrapped.generate(
+                input_ids=batch["input_ids"].to(accelerator.device),
+                attention_mask=batch["attention_mask"].to(accelerator.device),
+                global_attention_mask=batch["global_attention_mask"].to(accelerator.device),
+                **kwargs,
+            )
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        predictions.extend(zip(idx, (t.strip() for t in texts)))
+    if world > 1:
+        predictions = gather_object(predictions)
+    predictions.sort()
+    preds = [p for _, p in predictions]
+    refs = [references[i] for i, _ in predictions]
+    samples = [{"question": questions[i], "generated": p, "reference": references[i]} for i, p in predictions]
+    model.train()
+    return EvalResult(loss=loss, rouge=rouge(preds, refs), samples=samples,
+                      num_loss_examples=len(dataset), num_generated=len(preds))

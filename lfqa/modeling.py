@@ -1,0 +1,207 @@
+"""Models and tokenizers: load through the Auto classes, or build a tiny LED locally.
+
+``model.name_or_path`` is a hub id (``allenai/led-base-16384``), a local folder written by
+``save_pretrained``, or ``tiny-led``: a small random LED with a byte-level BPE tokenizer (BART's special
+tokens) trained on the bundled data. The tiny model is saved with ``save_pretrained`` and then loaded
+through the very same Auto-class path as a real model, so CI exercises the real loading code.
+
+    python -m lfqa.modeling --out /tmp/tiny-led      # build one by hand
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lfqa.config import ModelConfig, TinyModelConfig
+
+TINY_MODEL_NAME = "tiny-led"
+BUNDLED_DATA_DIR = Path(__file__).parent / "data"
+BUNDLED_TRAIN = BUNDLED_DATA_DIR / "tiny_train.jsonl"
+BUNDLED_VALIDATION = BUNDLED_DATA_DIR / "tiny_validation.jsonl"
+# BART / LED special tokens, in their usual id order (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4).
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message names the path or id."""
+
+
+def _bundled_texts() -> list[str]:
+    texts = []
+    for path in (BUNDLED_TRAIN, BUNDLED_VALIDATION):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            texts.append(row["question"])
+            texts.append(row["answer"])
+            texts.extend(row["context"])
+    return texts
+
+
+def build_tiny_model(tiny: TinyModelConfig, out_dir: str | Path) -> Path:
+    """Train a byte-level BPE tokenizer on the bundled data, make a random LED, save both to ``out_dir``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LEDConfig, LEDForConditionalGeneration, LEDTokenizer
+
+    out_dir = Path(out_dir)
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(_bundled_texts(), vocab_size=tiny.vocab_size, min_frequency=2,
+                            special_tokens=SPECIAL_TOKENS, show_progress=False)
+    bpe_model = json.loads(bpe._tokenizer.to_str())["model"]
+    # LEDTokenizer (RoBERTa's byte-level BPE) with our vocabulary: the same class and special-token
+    # behaviour as allenai/led-base-16384's tokenizer, so nothing downstream special-cases the tiny model.
+    tokenizer = LEDTokenizer(vocab=bpe_model["vocab"], merges=[tuple(m) for m in bpe_model["merges"]],
+                             model_max_length=tiny.max_input_tokens)
+    config = LEDConfig(
+        vocab_size=len(tokenizer),
+        d_model=tiny.d_model,
+        encoder_layers=tiny.encoder_layers,
+        decoder_layers=tiny.decoder_layers,
+        encoder_attention_heads=tiny.attention_heads,
+        decoder_attention_heads=tiny.attention_heads,
+        encoder_ffn_dim=tiny.ffn_dim,
+        decoder_ffn_dim=tiny.ffn_dim,
+        attention_window=tiny.attention_window,
+        max_encoder_position_embeddings=tiny.max_input_tokens,
+        max_decoder_position_embeddings=tiny.max_answer_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        # LED's own convention (allenai/led-base-16384): the decoder starts from </s>.
+        decoder_start_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(tiny.seed)
+        model = LEDForConditionalGeneration(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_model_dir(model_cfg: ModelConfig) -> Path:
+    """The cache folder for a tiny model: keyed by its shape and the bundled data it was trained on."""
+    key = hashlib.sha256(json.dumps(dataclasses.asdict(model_cfg.tiny), sort_keys=True).encode())
+    for path in (BUNDLED_TRAIN, BUNDLED_VALIDATION):
+        key.update(path.read_bytes())
+    return Path(model_cfg.cache_dir) / f"{TINY_MODEL_NAME}-{key.hexdigest()[:12]}"
+
+
+def ensure_tiny_model(model_cfg: ModelConfig) -> Path:
+    """Build the tiny model once; later calls (and other processes) reuse the folder."""
+    target = tiny_model_dir(model_cfg)
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a temporary folder and rename: a process that dies half-way never leaves a broken model,
+    # and two processes building at once both end with a complete folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build_tiny_model(model_cfg.tiny, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model_cfg: ModelConfig) -> str:
+    """What to pass to ``from_pretrained``: a hub id or a local folder."""
+    if model_cfg.name_or_path == TINY_MODEL_NAME:
+        return str(ensure_tiny_model(model_cfg))
+    return model_cfg.name_or_path
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load a tokenizer from '{name_or_path}': {_first_line(err)}") from None
+
+
+def load_model(name_or_path: str, revision: str | None = None):
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load a model config from '{name_or_path}': {_first_line(err)}") from None
+    if not getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"'{name_or_path}' holds a {config.model_type} model, not a sequence-to-sequence "
+                             "(encoder-decoder) model such as LED")
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the model from '{name_or_path}': {_first_line(err)}") from None
+    check_decoder_start(model)
+    return model
+
+
+def load_model_and_tokenizer(model_cfg: ModelConfig):
+    path = resolve_model_path(model_cfg)
+    tokenizer = load_tokenizer(path, model_cfg.revision)
+    model = load_model(path, model_cfg.revision)
+    return model, tokenizer
+
+
+def check_decoder_start(model) -> int:
+    """Make generation start the decoder with the same token that training used.
+
+    Training builds decoder inputs by shifting labels right and inserting ``config.decoder_start_token_id``;
+    ``generate`` uses ``generation_config.decoder_start_token_id``. The seed script passed ``<s>`` at
+    generation while LED trains with ``</s>``: a silent quality loss. Here the model config wins.
+    """
+    start = model.config.decoder_start_token_id
+    if start is None:
+        raise ModelLoadError(f"{model.config.name_or_path or 'model'}: config has no decoder_start_token_id")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.decoder_start_token_id != start:
+        gen.decoder_start_token_id = start
+    return start
+
+
+def attention_window(model) -> int:
+    """The encoder's attention window (LED pads inputs to a multiple of it); 1 for models without one."""
+    window = getattr(model.config, "attention_window", None)
+    if window is None:
+        return 1
+    if isinstance(window, (list, tuple)):
+        return max(window)
+    return int(window)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable.
+    # Non-reentrant checkpointing works with inputs that do not require grad and with DDP.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else err.__class__.__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the tiny LED model and tokenizer (no download).")
+    parser.add_argument("--out", required=True, help="folder to write (save_pretrained layout)")
+    args = parser.parse_args(argv)
+    path = build_tiny_model(TinyModelConfig(), args.out)
+    print(f"tiny LED written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""Fine-tune an LED model for long-form question answering with Accelerate.
+
+One process (CPU or one GPU)::
+
+    python -m lfqa.train jobs/tiny-cpu.yaml
+    python -m lfqa.train jobs/tiny-cpu.yaml train.max_steps=20 eval.every_steps=10
+
+Several processes (what ``make train`` runs: 2 CPU processes over gloo)::
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml -m lfqa.train jobs/tiny-cpu.yaml
+    accelerate launch --config_file accelerate_configs/multi-gpu.yaml -m lfqa.train jobs/led-base-lfqa.yaml
+
+The run folder (``output.dir``) receives ``metrics.jsonl``, ``summary.json`` and ``model/`` (weights as
+safetensors, tokenizer, ``job.yaml``); only the main process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lfqa.config import ConfigError, JobConfig, dump_job, job_to_dict, load_job
+
+EXIT_CONFIG_ERROR = 2
+
+
+@dataclass
+class PreparedData:
+    train: object
+    validation: object
+    val_questions: list[str]
+    val_references: list[str]
+    reports: dict
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lfqa train",
+        description="Fine-tune an LED model for long-form question answering (see jobs/ for job files).",
+        epilog="Examples:\n"
+               "  python -m lfqa.train jobs/tiny-cpu.yaml train.max_steps=20\n"
+               "  accelerate launch --config_file accelerate_configs/cpu.yaml -m lfqa.train jobs/tiny-cpu.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("job", help="job YAML file, e.g. jobs/tiny-cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides of the job file, e.g. train.learning_rate=3e-5 data.batch_size=4")
+    return parser
+
+
+def make_accelerator(job: JobConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    cpu_only = not torch.cuda.is_available()
+    if cpu_only and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # On CPU-only machines accelerate needs both `cpu=True` (its launcher sets ACCELERATE_USE_CPU only
+        # for --cpu, which starts a single process) and an explicit gloo backend; without them every
+        # rank silently trains alone: no gradient sync, no data split, all ranks write the same files.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[job.train.precision]
+    return Accelerator(
+        cpu=cpu_only,
+        mixed_precision=precision,
+        gradient_accumulation_steps=job.train.gradient_accumulation_steps,
+        # We step the scheduler once per optimizer step ourselves and size it in optimizer steps.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+    )
+
+
+def prepare_data(job: JobConfig, tokenizer, model, accelerator, log) -> PreparedData:
+    from lfqa.data import read_split, tokenize_examples
+
+    max_input = min(job.data.max_input_tokens, model.config.max_encoder_position_embeddings)
+    max_answer = min(job.data.max_answer_tokens, model.config.max_decoder_position_embeddings)
+    if max_input < job.data.max_input_tokens:
+        log(f"data.max_input_tokens {job.data.max_input_tokens} is more than the model's "
+            f"{model.config.max_encoder_position_embeddings} positions: using {max_input}")
+    if max_answer < job.data.max_answer_tokens:
+        log(f"data.max_answer_tokens {job.data.max_answer_tokens} is more than the model's "
+            f"{model.config.max_decoder_position_embeddings} decoder positions: using {max_answer}")
+    out, reports = {}, {}
+    val_examples = None
+    for split, limit in (("train", job.data.max_train_samples), ("validation", job.data.max_eval_samples)):
+        # The local main process reads and tokenises into the cache first; the others then load it.
+        with accelerator.local_main_process_first():
+            examples, report, fingerprint = read_split(job.data, split)
+            out[split] = tokenize_examples(examples, tokenizer, job.data, report, fingerprint,
+                                           max_input_tokens=max_input, max_answer_tokens=max_answer,
+                                           limit=limit, log=log)
+        for line in report.lines(max_answer, max_input):
+            log(line)
+        reports[split] = report.to_dict()
+        if split == "validation":
+            val_examples = examples
+    # Questions and references of the rows that survived filtering, for printing and ROUGE.
+    kept = out["validation"]["row_id"]
+    questions = [val_examples[i].question for i in kept]
+    references = [val_examples[i].answer for i in kept]
+    return PreparedData(out["train"], out["validation"], questions, references, reports)
+
+
+def run(job: JobConfig) -> dict:
+    """Train, evaluate and save; returns the summary that also goes to ``summary.json``."""
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from lfqa.data import LengthGroupedBatchSampler, Seq2SeqCollator
+    from lfqa.evaluation import evaluate
+    from lfqa.modeling import (
+        attention_window,
+        enable_gradient_checkpointing,
+        load_model,
+        load_tokenizer,
+        resolve_model_path,
+    )
+    from lfqa.tracking import ConsoleTracker, JsonlTracker, NullTracker, Trackers
+
+    accelerator = make_accelerator(job)
+    is_main = accelerator.is_main_process
+
+    def log(message: str) -> None:
+        if is_main:
+            tqdm.write(message)
+
+    run_dir = Path(job.output.dir)
+    if is_main:
+        if (run_dir / "model").exists() and not job.output.overwrite:
+            raise ConfigError(f"output.dir: {run_dir}/model exists and output.overwrite is false")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    log(f"lfqa: {accelerator.num_processes} process(es) ({accelerator.distributed_type}), device {accelerator.device}, "
+        f"precision {job.train.precision}, run folder {run_dir}")
+
+    set_seed(job.train.seed)
+    with accelerator.local_main_process_first():
+        model_path = resolve_model_path(job.model)
+    tokenizer = load_tokenizer(model_path, job.model.revision)
+    model = load_model(model_path, job.model.revision)
+    log(f"model {job.model.name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) "
+        f"from {model_path}")
+    if job.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+    data = prepare_data(job, tokenizer, model, accelerator, log)
+    window = attention_window(model)
+    collator = Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=window)
+    train_rows = data.train.remove_columns(["row_id"])
+    sampler = LengthGroupedBatchSampler(
+        [len(x) for x in data.train["input_ids"]], [len(x) for x in data.train["labels"]], job.data.batch_size,
+        window=window, group_size=job.data.length_group_size, group_by_length=job.data.group_by_length,
+        seed=job.train.seed,
+    )
+    loader = DataLoader(_WithRowId(train_rows), batch_sampler=sampler, collate_fn=_collate_with_ids(collator))
+
+    no_decay = ("bias", "layer_norm", "layernorm", "LayerNorm")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
+         "weight_decay": job.train.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=job.train.learning_rate, betas=(job.train.adam_beta1,
+                                  job.train.adam_beta2), eps=job.train.adam_epsilon)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    accum = job.train.gradient_accumulation_steps
+    steps_per_epoch = max(1, len(loader) // accum)
+    total_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, job.train.warmup_steps, total_steps))
+    log(f"train: {len(data.train)} rows, {len(loader)} batches of {job.data.batch_size} per process, "
+        f"{total_steps} optimizer steps ({epochs} epoch(s), gradient accumulation {accum})")
+
+    tracker = Trackers(ConsoleTracker(), JsonlTracker(run_dir / "metrics.jsonl")) if is_main else NullTracker()
+
+    def run_eval(step: int, label: str) -> dict:
+        result = evaluate(model, tokenizer, data.validation, data.val_questions, data.val_references,
+                          job.eval, accelerator, collator)
+        tracker.log(result.metrics(), step)
+        if is_main:
+            log(f"{label}: eval loss {result.loss:.4f} | " +
+                " | ".join(f"{k} {v:.4f}" for k, v in result.rouge.items()))
+            for sample in result.samples[: job.eval.num_examples_to_print]:
+                log(f"  question:  {sample['question']}\n  generated: {sample['generated']}\n"
+                    f"  reference: {sample['reference']}")
+            (run_dir / f"eval-step{step}.json").write_text(json.dumps(
+                {"step": step, "loss": result.loss, "rouge": result.rouge, "samples": result.samples}, indent=1))
+        return {"step": step, "loss": result.loss, "rouge": result.rouge,
+                "sample": result.samples[0] if result.samples else None}
+
+    summary: dict = {"job": job_to_dict(job), "data": data.reports, "num_processes": accelerator.num_processes,
+                     "distributed_type": str(accelerator.distributed_type)}
+    if job.eval.at_start:
+        summary["eval_start"] = run_eval(0, "untrained model")
+
+    seen = np.zeros(len(data.train), dtype=np.int64)  # which rows this rank trained on in epoch 0
+    window_stats = np.zeros(6)  # loss sum, micro-batches, samples, real input, padded input, real answer tokens
+    padded_answer = 0
+    progress = tqdm(total=total_steps, desc="train", disable=not (is_main and job.tracking.progress_bar),
+                    dynamic_ncols=True)
+    model.train()
+    step, last_log, start = 0, time.perf_counter(), time.perf_counter()
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            row_ids = batch.pop("row_id")
+            if epoch == 0:
+                seen[row_ids.cpu().numpy()] = 1
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and job.train.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            labels = batch["labels"]
+            window_stats += (loss.item(), 1, labels.shape[0], int(batch["attention_mask"].sum()),
+                             batch["input_ids"].numel(), int((labels != -100).sum()))
+            padded_answer += labels.numel()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            progress.update(1)
+            if step % job.tracking.log_every_steps == 0 or step == total_steps:
+                stats = accelerator.reduce(torch.tensor(np.append(window_stats, padded_answer),
+                                                        device=accelerator.device), reduction="sum").cpu().numpy()
+                now = time.perf_counter()
+                metrics = {
+                    "train/loss": stats[0] / stats[1],
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/samples_per_s": stats[2] / (now - last_log),
+                    "train/tokens_per_s": (stats[3] + stats[5]) / (now - last_log),
+                    "train/input_padding_efficiency": stats[3] / stats[4],
+                    "train/answer_padding_efficiency": stats[5] / stats[6],
+                    "train/epoch": epoch + 1,
+                }
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                tracker.log(metrics, step)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
+                                     samples_s=f"{metrics['train/samples_per_s']:.2f}")
+                window_stats[:] = 0
+                padded_answer = 0
+                last_log = now
+            if job.eval.every_steps and step % job.eval.every_steps == 0 and step < total_steps:
+                run_eval(step, f"step {step}")
+            if step >= total_steps:
+                break
+        if step >= total_steps:
+            break
+    progress.close()
+    train_seconds = time.perf_counter() - start
+
+    seen_counts = accelerator.reduce(torch.tensor(seen, device=accelerator.device), reduction="sum").cpu().numpy()
+    per_rank = accelerator.gather(torch.tensor([int(seen.sum())], device=accelerator.device)).cpu().tolist()
+    summary["ranks"] = {"rows_seen_per_rank_epoch0": per_rank,
+                        "rows_seen_by_several_ranks_epoch0": int((seen_counts > 1).sum())}
+    summary["train"] = {"steps": step, "seconds": round(train_seconds, 2)}
+    summary["eval_end"] = run_eval(step, "trained model")
+
+    # Every rank takes part in collecting the weights (a collective under sharded training).
+    state_dict = accelerator.get_state_dict(model)
+    model_dir = run_dir / "model"
+    if is_main:
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        accelerator.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(model_dir)
+        (model_dir / "job.yaml").write_text(dump_job(job))
+        summary["model_dir"] = str(model_dir)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        log(f"model saved to {model_dir}")
+    accelerator.wait_for_everyone()
+    tracker.close()
+    accelerator.end_training()
+    return summary
+
+
+class _WithRowId(torch.utils.data.Dataset):
+    """Rows plus their position, so that the loop knows which rows each rank trained on."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.rows[i], "row_id": i}
+
+
+def _collate_with_ids(collator):
+    def collate(rows: list[dict]) -> dict:
+        batch = collator(rows)
+        batch["row_id"] = torch.tensor([r["row_id"] for r in rows])
+        return batch
+    return collate
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        # Validated before any model, data or process group exists.
+        job = load_job(args.job, args.overrides)
+    except ConfigError as err:
+        print(f"lfqa: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    from lfqa.data import DataError
+    from lfqa.modeling import ModelLoadError
+
+    try:
+        run(job)
+    except (DataError, ModelLoadError, ConfigError) as err:
+        print(f"lfqa: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""End to end: the tiny job on 2 CPU processes through `accelerate launch`, as `make train` runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port
+
+from lfqa.config import load_job
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def lfqa_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def cache_overrides(tmp: Path) -> list[str]:
+    return [f"model.cache_dir={tmp / 'models'}", f"data.cache_dir={tmp / 'datasets'}"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train2")
+    run_dir = tmp / "run"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "accelerate_configs/cpu.yaml",
+           "--main_process_port", str(free_port()), "-m", "lfqa.train", "jobs/tiny-cpu.yaml",
+           f"output.dir={run_dir}", "train.epochs=12", "tracking.progress_bar=false", *cache_overrides(tmp)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=lfqa_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return tmp, run_dir, proc.stdout + proc.stderr
+
+
+@pytest.mark.distributed
+def test_two_processes_split_the_data(trained):
+    _, run_dir, _ = trained
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["distributed_type"] == "DistributedType.MULTI_CPU"
+    # 400 rows, 8 per batch: 25 batches each; no row trained on by both ranks in an epoch.
+    assert summary["ranks"]["rows_seen_per_rank_epoch0"] == [200, 200]
+    assert summary["ranks"]["rows_seen_by_several_ranks_epoch0"] == 0
+    assert summary["train"]["steps"] == 12 * 25
+
+
+@pytest.mark.distributed
+def test_validation_loss_falls_and_rouge_beats_the_untrained_model(trained):
+    _, run_dir, output = trained
+    summary = json.loads((run_dir / "summary.json").read_text())
+    start, end = summary["eval_start"], summary["eval_end"]
+    assert end["loss"] < start["loss"] - 3.0
+    assert end["rouge"]["rougeL"] > start["rouge"]["rougeL"] + 0.1
+    assert end["rouge"]["rouge1"] > 0.2
+    assert "untrained model: eval loss" in output and "trained model: eval loss" in output
+    assert "generated:" in output and f"model saved to {run_dir / 'model'}" in output
+
+
+@pytest.mark.distributed
+def test_only_the_main_process_writes_metrics(trained):
+    _, run_dir, _ = trained
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    steps = [r["step"] for r in train]
+    assert steps == sorted(set(steps)), "each step logged once"
+    assert steps[-1] == 300 and len(steps) == 30
+    assert train[-1]["train/loss"] < train[0]["train/loss"] / 3
+    for r in train:
+        assert r["train/samples_per_s"] > 0 and 0 < r["train/input_padding_efficiency"] <= 1
+        assert 0 < r["train/answer_padding_efficiency"] <= 1 and r["train/lr"] >= 0
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "eval-step0.json", "eval-step300.json", "metrics.jsonl", "model", "summary.json"]
+
+
+@pytest.mark.distributed
+def test_the_saved_model_reloads_answers_and_reproduces_the_validation_loss(trained):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from lfqa.data import Seq2SeqCollator, read_split, tokenize_examples
+    from lfqa.modeling import attention_window
+
+    tmp, run_dir, _ = trained
+    model_dir = run_dir / "model"
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
+    job = load_job(model_dir / "job.yaml")
+    assert job.output.dir == str(run_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    examples, report, fp = read_split(job.data, "validation")
+    ds = tokenize_examples(examples, tok, job.data, report, fp, max_input_tokens=1024, max_answer_tokens=256,
+                           limit=None, log=lambda _: None)
+    collate = Seq2SeqCollator(tok.pad_token_id, attention_window(model))
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for i in range(0, len(ds), 10):
+            batch = collate([ds[j] for j in range(i, min(i + 10, len(ds)))])
+            n = (batch["labels"] != -100).sum().item()
+            loss_sum += model(**batch).loss.item() * n
+            tokens += n
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert loss_sum / tokens == pytest.approx(summary["eval_end"]["loss"], abs=1e-4)
+
+    batch = collate([ds[0]])
+    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         global_attention_mask=batch["global_attention_mask"], max_new_tokens=60, num_beams=1)
+    answer = tok.decode(out[0], skip_special_tokens=True)
+    assert len(answer.split()) >= 10
+    assert answer == summary["eval_end"]["sample"]["generated"] or summary["eval_end"]["sample"]["question"] != \
+        examples[ds[0]["row_id"]].question
+
+
+def run_single(args, tmp, timeout=300):
+    return subprocess.run([sys.executable, "-m", "lfqa.train", *args], cwd=ROOT, env=lfqa_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_single_process_run_reuses_the_tokenised_cache(tmp_path):
+    args = ["jobs/tiny-cpu.yaml", f"output.dir={tmp_path / 'run'}", "train.max_steps=3", "eval.at_start=false",
+            "eval.max_generate_samples=2", "data.max_eval_samples=4", "tracking.progress_bar=false",
+            *cache_overrides(tmp_path)]
+    first = run_single(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "lfqa: 1 process(es)" in first.stdout + first.stderr
+    second = run_single(args, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = second.stdout + second.stderr
+    assert "tiny_train.jsonl: loaded tokenised rows from cache" in out
+    assert "tiny_validation.jsonl: loaded tokenised rows from cache" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train"]["steps"] == 3 and summary["ranks"]["rows_seen_per_rank_epoch0"] == [24]
+
+
+def test_config_errors_stop_before_anything_starts(tmp_path):
+    proc = run_single(["jobs/tiny-cpu.yaml", "train.learnig_rate=1"], tmp_path, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["lfqa: error: jobs/tiny-cpu.yaml (with overrides): unknown key 'train.learnig_rate' "
+                     "(did you mean 'train.learning_rate'?)"]
+
+
+def test_missing_data_file_is_a_one_line_error(tmp_path):
+    proc = run_single(["jobs/tiny-cpu.yaml", f"output.dir={tmp_path / 'run'}",
+                       f"data.train_files=[{tmp_path / 'missing.jsonl'}]", *cache_overrides(tmp_path)], tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"lfqa: error: {tmp_path / 'missing.jsonl'}: no such file"
+
+
+def test_help_lists_usage():
+    proc = subprocess.run([sys.executable, "-m", "lfqa.train", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "key=value" in proc.stdout and "accelerate launch" in proc.stdout
