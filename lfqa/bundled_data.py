@@ -3,13 +3,19 @@
 The rows follow the schema of the LFQA data set ``LLukas22/lfqa_preprocessed``: every line of a
 ``.jsonl`` file is one JSON object ``{"question": str, "answer": str, "context": [str, ...]}``.
 
-All content is about invented entities (towns, animals, plants, machines and festivals whose names
-are built from random syllables), so nothing in it is real-world knowledge. Each row asks about one
-entity; its context holds 1-2 relevant passages that state every fact of the answer (in different
-words) plus distractor passages about other entities written with the same templates, in a shuffled
-order. Validation rows use entities (and every other invented name) that never occur in the training
-rows, but the same templates and attribute vocabularies, so a small model can only do well on them by
-copying facts from the context.
+All content is about invented entities (towns, animals, plants, machines and festivals with short
+invented two-syllable names), so nothing in it is real-world knowledge. Each row asks about one entity;
+its context holds 1-2 relevant passages that state every fact of the answer (in different words) plus
+distractor passages about other entities written with the same templates, in a shuffled order.
+
+The facts cannot be memorised, only read from the context: every passage draws its attribute values
+(region, year, material, colour, size, what the entity is known for, ...) afresh, and the names come
+from a small pool per split (40 training names, 15 validation names), so each name appears in many
+rows, with different facts and even different kinds of entity each time, and as a distractor in other
+rows. Within a row the asked entity's name appears only in its relevant passage(s), which is how a
+reader tells them apart from the distractors. Validation rows use names (entities, the people and the
+towns mentioned in passages) that never occur in the training rows, but the same templates and
+attribute vocabularies.
 
 The output depends only on the arguments: the same seed and sizes give byte-identical files, and the
 validation rows do not depend on the number of training rows (or the other way round).
@@ -27,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
-import zlib
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -43,96 +47,71 @@ VALIDATION = "validation"
 # Invented names
 # --------------------------------------------------------------------------------------------------
 
-_ONSETS = [
-    "b",
-    "br",
-    "d",
-    "dr",
-    "f",
-    "fl",
-    "g",
-    "gr",
-    "h",
-    "k",
-    "kr",
-    "l",
-    "m",
-    "n",
-    "p",
-    "r",
-    "s",
-    "sk",
-    "t",
-    "th",
-    "v",
-    "vr",
-    "z",
-    "c",
-    "sh",
-    "w",
-    "y",
-    "j",
-]
-_VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou", "y"]
-_SIMPLE_ONSETS = ["b", "d", "g", "l", "m", "n", "r", "s", "t", "v", "w", "th"]
-_SIMPLE_CODAS = ["l", "n", "r", "m", "s"]
-_CODAS = ["l", "n", "r", "m", "s", "th", "nd", "rv", "sk", "v", "d", "k", "lt", "rn"]
-_ENDINGS = [
-    "a",
-    "or",
-    "ith",
-    "en",
-    "ara",
-    "ul",
-    "is",
-    "emar",
-    "ow",
-    "une",
-    "ik",
-    "eth",
-    "ova",
-    "iel",
-    "ane",
-    "ost",
-    "um",
-    "ira",
-]
+# Names are two syllables of simple letters ("Velmor", "Kadra", "Zalrim") so that a small byte-level
+# BPE does not shred them into many pieces.
+_NAME_ONSETS = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z"]
+_NAME_VOWELS = ["a", "e", "i", "o", "u"]
+_NAME_CODAS = ["", "", "l", "n", "r", "m", "s"]
+_NAME_MIDDLES = ["b", "d", "g", "k", "l", "m", "n", "r", "s", "t", "v", "z", "dr", "br", "th"]
+_NAME_ENDS = ["", "l", "n", "r", "m", "s"]
+# English words the syllable pattern can produce.
+_NOT_NAMES = set(
+    (
+        "baron bison bonus demon denim felon fibre human hymen label lemon level linen madam manor "
+        "melon minor model molar motel nomad pedal petal pilot radar rebel robin rumor salon satin "
+        "sinus solar sonar tenor timer total tumor venom vigor visor vital mural modem panel pupil "
+        "rival medal metal moral humor lunar polar tutor saber seven siren token topaz venus lotus "
+        "fetal final focal gamut habit hotel medium nasal penal pagan ruler sumo kimono salami banana "
+        "tomato"
+    ).split()
+)
+
+_NOT_PARTS = ("dild", "cum", "tit", "sex", "nig", "pis", "fuk", "kok")
+
+_ENTITY_NAMES = {TRAIN: 40, VALIDATION: 15}  # names of the entities rows ask about (and distractors)
+_PLACE_NAMES = 10  # towns that hold the festivals, per split
+_PEOPLE = 10  # botanists and engineers, per split
 
 
-def _split_of(name: str) -> str:
-    """Partition of the name space: a name can only ever be used by one split."""
-    return VALIDATION if zlib.crc32(name.encode("utf-8")) % 5 == 0 else TRAIN
+def _name_candidate(rng: random.Random) -> str:
+    while True:
+        first = rng.choice(_NAME_ONSETS) + rng.choice(_NAME_VOWELS) + rng.choice(_NAME_CODAS)
+        middle = rng.choice(_NAME_MIDDLES)
+        if first[-1] == middle[0] or first[0] == middle[0] or (len(middle) == 2 and first[-1] not in "aeiou"):
+            continue  # no doubled letters, no "Molmom", no three consonants in a row
+        name = first + middle + rng.choice(_NAME_VOWELS) + rng.choice(_NAME_ENDS)
+        if 5 <= len(name) <= 7 and name not in _NOT_NAMES and not any(p in name for p in _NOT_PARTS):
+            return name.capitalize()
 
 
-class _NamePool:
-    """Draws unique invented names that belong to one split's part of the name space."""
+def _name_pools(seed: int) -> dict[str, dict[str, list[str]]]:
+    """The invented names of each split: ``entity``, ``place`` and ``person`` ("First Last") lists.
 
-    def __init__(self, rng: random.Random, split: str) -> None:
-        self.rng = rng
-        self.split = split
-        self.used: set[str] = set()
+    The two splits share no name, and no name is part of another (or of any template or vocabulary
+    word), so a name found in a passage always means the same name. Independent of the row counts.
+    """
+    rng = random.Random(f"lfqa-tiny:{seed}:names")
+    vocabulary = _vocabulary_text()
+    taken: list[str] = []  # lowercased
 
-    def _candidate(self) -> str:
-        r = self.rng
-        if r.random() < 0.5:
-            # Two syllables: keep the consonants between them simple so the name stays pronounceable.
-            parts = [r.choice(_ONSETS) + r.choice(_VOWELS) + r.choice(_SIMPLE_CODAS)]
-            parts.append(r.choice(_SIMPLE_ONSETS) + r.choice(_VOWELS) + r.choice(_CODAS))
-        else:
-            parts = [r.choice(_ONSETS) + r.choice(_VOWELS) + r.choice(_CODAS)]
-        parts.append(r.choice(_ENDINGS))
-        return "".join(parts).capitalize()
+    def draw(n: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < n:
+            name = _name_candidate(rng)
+            low = name.lower()
+            if low in vocabulary or any(low in t or t in low or low[:3] == t[:3] for t in taken):
+                continue  # a name is never part of another name or word; names differ in their start
+            taken.append(low)
+            out.append(name)
+        return out
 
-    def name(self) -> str:
-        while True:
-            name = self._candidate()
-            if not 5 <= len(name) <= 11 or name in self.used or _split_of(name) != self.split:
-                continue
-            self.used.add(name)
-            return name
-
-    def person(self) -> str:
-        return f"{self.name()} {self.name()}"
+    pools = {}
+    for split in (TRAIN, VALIDATION):
+        entity = draw(_ENTITY_NAMES[split])
+        place = draw(_PLACE_NAMES)
+        person = [f"{first} {last}" for first, last in zip(draw(_PEOPLE), draw(_PEOPLE))]
+        pools[split] = {"entity": entity, "place": place, "person": person}
+    return pools
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,14 +250,14 @@ _ANIMAL_TRAITS = [
 ]
 
 _PLANT_TYPES = [
-    ("shrub", "metres", 2, 5),
-    ("vine", "metres", 2, 12),
-    ("moss", "centimetres", 2, 15),
-    ("reed", "metres", 2, 4),
-    ("herb", "centimetres", 10, 80),
-    ("tree", "metres", 6, 40),
-    ("fern", "centimetres", 20, 150),
-    ("creeper", "metres", 2, 9),
+    ("shrub", "metres"),
+    ("vine", "metres"),
+    ("moss", "centimetres"),
+    ("reed", "metres"),
+    ("herb", "centimetres"),
+    ("tree", "metres"),
+    ("fern", "centimetres"),
+    ("creeper", "metres"),
 ]
 _PLANT_TERRAINS = [
     "rocky slopes",
@@ -352,6 +331,18 @@ _FESTIVAL_ORIGINS = [
     "to celebrate the opening of the first bridge",
 ]
 
+# Numbers come from small lists too, so each value is seen often in training.
+_YEARS = [1612, 1648, 1675, 1703, 1731, 1766, 1789, 1812, 1834, 1857, 1880, 1906]
+_POPULATIONS = [600, 900, 1500, 2400, 3200, 4800, 6500, 8000, 12000, 15000]
+_GROUP_SIZES = [3, 5, 6, 8, 10, 12, 15, 20, 30, 40]
+_LIFESPANS = [2, 4, 6, 9, 11, 14, 18, 25, 35, 50]
+_HEIGHTS = {
+    "metres": [2, 3, 4, 5, 6, 8, 10, 12, 15, 20],
+    "centimetres": [10, 15, 20, 25, 30, 40, 50, 60, 80, 90],
+}
+_MACHINE_COUNTS = [7, 13, 16, 24, 45, 70, 85, 120, 150, 200]
+_FESTIVAL_DAYS = [2, 3, 4, 5, 6, 7, 8, 9]
+
 # Sentences without facts, used to vary passage lengths.
 _FILLERS = {
     "town": [
@@ -418,14 +409,15 @@ def _a(word: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _make_entity(kind: str, rng: random.Random, names: _NamePool) -> dict:
-    e: dict = {"kind": kind, "name": names.name(), "region": rng.choice(_REGIONS)}
+def _make_entity(kind: str, name: str, rng: random.Random, pools: dict[str, list[str]]) -> dict:
+    """One entity's facts, drawn afresh every time (a name has no fixed facts)."""
+    e: dict = {"kind": kind, "name": name, "region": rng.choice(_REGIONS)}
     if kind == "town":
         e["setting"] = rng.choice(_TOWN_SETTINGS)
         e["landmark"], e["reason"] = rng.choice(_TOWN_LANDMARKS)
         e["trade"] = rng.choice(_TOWN_TRADES)
-        e["year"] = rng.randint(1400, 1899)
-        e["pop"] = rng.randrange(300, 20000, 50)
+        e["year"] = rng.choice(_YEARS)
+        e["pop"] = rng.choice(_POPULATIONS)
     elif kind == "animal":
         e["cls"], e["plural"] = rng.choice(_ANIMAL_CLASSES)
         e["terrain"] = rng.choice(_TERRAINS)
@@ -433,31 +425,31 @@ def _make_entity(kind: str, rng: random.Random, names: _NamePool) -> dict:
         e["food"] = rng.choice(_ANIMAL_FOODS)
         e["method"] = rng.choice(_ANIMAL_METHODS)
         e["trait"] = rng.choice(_ANIMAL_TRAITS)
-        e["group"] = rng.randint(3, 40)
-        e["life"] = rng.randint(2, 60)
+        e["group"] = rng.choice(_GROUP_SIZES)
+        e["life"] = rng.choice(_LIFESPANS)
     elif kind == "plant":
-        e["type"], e["unit"], lo, hi = rng.choice(_PLANT_TYPES)
-        e["height"] = rng.randint(lo, hi)
+        e["type"], e["unit"] = rng.choice(_PLANT_TYPES)
+        e["height"] = rng.choice(_HEIGHTS[e["unit"]])
         e["terrain"] = rng.choice(_PLANT_TERRAINS)
         e["colour"] = rng.choice(_PLANT_COLOURS)
         e["month"] = rng.choice(_MONTHS)
         e["use"] = rng.choice(_PLANT_USES)
-        e["person"] = names.person()
-        e["year"] = rng.randint(1600, 1950)
+        e["person"] = rng.choice(pools["person"])
+        e["year"] = rng.choice(_YEARS)
     elif kind == "machine":
         e["type"], e["purpose"] = rng.choice(_MACHINE_TYPES)
         e["power"] = rng.choice(_MACHINE_POWERS)
         e["material"] = rng.choice(_MACHINE_MATERIALS)
-        e["person"] = names.person()
-        e["year"] = rng.randint(1650, 1950)
-        e["count"] = rng.randint(3, 300)
+        e["person"] = rng.choice(pools["person"])
+        e["year"] = rng.choice(_YEARS)
+        e["count"] = rng.choice(_MACHINE_COUNTS)
     elif kind == "festival":
-        e["town"] = names.name()
+        e["town"] = rng.choice(pools["place"])
         e["month"] = rng.choice(_MONTHS)
-        e["days"] = rng.randint(2, 9)
+        e["days"] = rng.choice(_FESTIVAL_DAYS)
         e["activity"] = rng.choice(_FESTIVAL_ACTIVITIES)
         e["origin"] = rng.choice(_FESTIVAL_ORIGINS)
-        e["year"] = rng.randint(1300, 1950)
+        e["year"] = rng.choice(_YEARS)
     else:  # pragma: no cover - guarded by KINDS
         raise ValueError(kind)
     return e
@@ -722,39 +714,71 @@ def _qa(e: dict, template: int, rng: random.Random) -> tuple[str, str]:
     return _fmt(rng.choice(questions), e), " ".join(_fmt(s, e) for s in chosen)
 
 
+def _vocabulary_text() -> str:
+    """Every fixed word of the templates and vocabularies, lowercased (names must not occur in it)."""
+    parts: list = [
+        _REGIONS,
+        _MONTHS,
+        _TOWN_SETTINGS,
+        _TOWN_LANDMARKS,
+        _TOWN_TRADES,
+        _ANIMAL_CLASSES,
+        _TERRAINS,
+        _ANIMAL_FEATURES,
+        _ANIMAL_FOODS,
+        _ANIMAL_METHODS,
+        _ANIMAL_TRAITS,
+        _PLANT_TYPES,
+        _PLANT_TERRAINS,
+        _PLANT_COLOURS,
+        _PLANT_USES,
+        _MACHINE_TYPES,
+        _MACHINE_POWERS,
+        _MACHINE_MATERIALS,
+        _FESTIVAL_ACTIVITIES,
+        _FESTIVAL_ORIGINS,
+        _FILLERS,
+        _FULL_PASSAGES,
+        _SPLIT_PASSAGES,
+        _QA,
+    ]
+    return json.dumps(parts).lower()
+
+
 # --------------------------------------------------------------------------------------------------
 # Rows
 # --------------------------------------------------------------------------------------------------
 
 
-def _generate_split(n_rows: int, seed: int, split: str) -> list[dict]:
-    rng = random.Random(f"lfqa-tiny:{seed}:{split}")
-    names = _NamePool(rng, split)
-    n_entities = max(12, math.ceil(0.75 * n_rows) + 5)
-    kinds = [KINDS[i % len(KINDS)] for i in range(n_entities)]
-    rng.shuffle(kinds)
-    entities = [_make_entity(kind, rng, names) for kind in kinds]
-    by_kind: dict[str, list[int]] = {k: [i for i, e in enumerate(entities) if e["kind"] == k] for k in KINDS}
+def _balanced(items: list, n: int, rng: random.Random) -> list:
+    """``n`` items that use every item of ``items`` equally often (up to one), in a random order."""
+    out: list = []
+    while len(out) < n:
+        out.extend(rng.sample(items, min(len(items), n - len(out))))
+    rng.shuffle(out)
+    return out
 
-    pairs = [(i, t) for i, e in enumerate(entities) for t in range(len(_QA[e["kind"]]))]
-    chosen: list[tuple[int, int]] = []
-    while len(chosen) < n_rows:
-        chosen.extend(rng.sample(pairs, min(len(pairs), n_rows - len(chosen))))
+
+def _generate_split(n_rows: int, seed: int, split: str) -> list[dict]:
+    pools = _name_pools(seed)[split]
+    rng = random.Random(f"lfqa-tiny:{seed}:{split}")
+    names = pools["entity"]
+    questions = _balanced([(k, t) for k in KINDS for t in range(len(_QA[k]))], n_rows, rng)
+    asked = _balanced(names, n_rows, rng)
 
     rows = []
-    for idx, template in chosen:
-        target = entities[idx]
+    for (kind, template), name in zip(questions, asked):
+        target = _make_entity(kind, name, rng, pools)
         question, answer = _qa(target, template, rng)
         relevant = _split_passages(target, rng) if rng.random() < 0.35 else [_full_passage(target, rng)]
         n_passages = rng.randint(max(3, len(relevant) + 1), 6)
-        distractors: list[int] = []
-        while len(distractors) < n_passages - len(relevant):
-            same_kind = [j for j in by_kind[target["kind"]] if j != idx and j not in distractors]
-            pool = same_kind if same_kind and rng.random() < 0.5 else range(len(entities))
-            j = rng.choice(list(pool))
-            if j != idx and j not in distractors:
-                distractors.append(j)
-        context = relevant + [_full_passage(entities[j], rng) for j in distractors]
+        # Distractors: other names (each at most once per row), half of them the asked entity's kind.
+        others = rng.sample([n for n in names if n != name], n_passages - len(relevant))
+        distractors = [
+            _make_entity(kind if rng.random() < 0.5 else rng.choice(KINDS), other, rng, pools)
+            for other in others
+        ]
+        context = relevant + [_full_passage(d, rng) for d in distractors]
         rng.shuffle(context)
         rows.append({"question": question, "answer": answer, "context": context})
     return rows
@@ -763,8 +787,8 @@ def _generate_split(n_rows: int, seed: int, split: str) -> list[dict]:
 def generate(n_train: int = 400, n_validation: int = 50, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Return ``(train_rows, validation_rows)``; each row is ``{"question", "answer", "context"}``.
 
-    Deterministic in its arguments. The two splits draw their invented names from disjoint parts of
-    the name space, so no entity (or any other invented name) is shared between them.
+    Deterministic in its arguments. The two splits draw their invented names from disjoint pools, so
+    no entity (or any other invented name) is shared between them.
     """
     if n_train < 0 or n_validation < 0:
         raise ValueError("row counts must be non-negative")

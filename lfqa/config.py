@@ -36,13 +36,13 @@ def _check(condition: bool, key: str, message: str) -> None:
 class TinyModelConfig:
     """Shape of the tiny random LED that ``model.name_or_path: tiny-led`` builds locally (no download)."""
 
-    d_model: int = 64
+    d_model: int = 128
     """Hidden size."""
     encoder_layers: int = 2
     decoder_layers: int = 2
-    attention_heads: int = 2
+    attention_heads: int = 4
     """Heads in every encoder and decoder layer."""
-    ffn_dim: int = 128
+    ffn_dim: int = 256
     attention_window: int = 16
     """Local attention window of the encoder (even; LED pads inputs to a multiple of it)."""
     max_input_tokens: int = 2048

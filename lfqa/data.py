@@ -28,7 +28,7 @@ from torch.utils.data import Sampler
 from lfqa.config import DataConfig, FieldsConfig
 
 # Bump when the tokenised layout changes, so old cache files are not reused.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 MAX_REPORTED_PROBLEMS = 10
 
 
@@ -279,6 +279,30 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def encode_inputs(tokenizer, questions: list[str], contexts: list[list[str]], max_input_tokens: int,
+                  global_attention: str = "question") -> dict[str, list]:
+    """Token ids of the model inputs, cut to ``max_input_tokens``, and the global attention span.
+
+    Shared by training, evaluation and ``lfqa answer`` so that a model always sees inputs built one way.
+    Returns ``input_ids``, ``num_global`` (leading tokens with global attention), ``truncated`` and
+    ``full_length`` (tokens before the cut).
+    """
+    eos = tokenizer.eos_token_id
+    inputs = [format_input(q, c) for q, c in zip(questions, contexts)]
+    input_ids = tokenizer(inputs, add_special_tokens=True)["input_ids"]
+    full_length = [len(ids) for ids in input_ids]
+    truncated = [n > max_input_tokens for n in full_length]
+    # Keep the closing </s> when cutting, as tokenizer truncation would.
+    input_ids = [ids[: max_input_tokens - 1] + [eos] if cut else ids for ids, cut in zip(input_ids, truncated)]
+    if global_attention == "question":
+        prefixes = tokenizer([f"question: {q}" for q in questions], add_special_tokens=True)["input_ids"]
+        # Without the prefix's closing </s>: <s> plus the question tokens.
+        num_global = [min(len(p) - 1, len(ids)) for p, ids in zip(prefixes, input_ids)]
+    else:
+        num_global = [1] * len(input_ids)
+    return {"input_ids": input_ids, "num_global": num_global, "truncated": truncated, "full_length": full_length}
+
+
 def tokenize_examples(
     examples: list[Example],
     tokenizer,
@@ -305,23 +329,12 @@ def tokenize_examples(
     }, sort_keys=True).encode()).hexdigest()[:16]
     cache_file = Path(cfg.cache_dir) / f"tokenised-{key}.arrow"
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    eos = tokenizer.eos_token_id
 
     def encode(batch, indices):
-        inputs = [format_input(q, c) for q, c in zip(batch["question"], batch["context"])]
-        input_ids = tokenizer(inputs, add_special_tokens=True)["input_ids"]
-        truncated = [len(ids) > max_input_tokens for ids in input_ids]
-        # Keep the closing </s> when cutting, as tokenizer truncation would.
-        input_ids = [ids[: max_input_tokens - 1] + [eos] if cut else ids for ids, cut in zip(input_ids, truncated)]
-        if cfg.global_attention == "question":
-            prefixes = tokenizer([f"question: {q}" for q in batch["question"]], add_special_tokens=True)["input_ids"]
-            # Without the prefix's closing </s>: <s> plus the question tokens.
-            num_global = [min(len(p) - 1, len(ids)) for p, ids in zip(prefixes, input_ids)]
-        else:
-            num_global = [1] * len(input_ids)
+        encoded = encode_inputs(tokenizer, batch["question"], batch["context"], max_input_tokens,
+                                cfg.global_attention)
         labels = tokenizer(text_target=batch["answer"], add_special_tokens=True)["input_ids"]
-        return {"input_ids": input_ids, "labels": labels, "num_global": num_global, "truncated": truncated,
-                "row_id": indices}
+        return {**encoded, "labels": labels, "row_id": indices}
 
     raw = datasets.Dataset.from_dict({
         "question": [e.question for e in examples],
@@ -347,7 +360,7 @@ def tokenize_examples(
         raise DataError(f"{report.source}: no rows left after filtering answers longer than "
                         f"{max_answer_tokens} tokens")
     # row_id: the row's position in ``examples``, to find its question and reference text again.
-    return tokenised.select(keep.tolist()).remove_columns(["truncated"])
+    return tokenised.select(keep.tolist()).remove_columns(["truncated", "full_length"])
 
 
 # --- batching -----------------------------------------------------------------------------------------
@@ -359,8 +372,8 @@ class Seq2SeqCollator:
 
     Inputs are padded to the longest input rounded up to ``pad_to_multiple_of`` (the attention
     window), never to a fixed maximum. LED pads to the window inside the encoder anyway; doing it here
-    gives every rank the same shapes (ZeRO-3 needs that) and exact padding statistics. Labels are padded
-    with -100 so that padding is ignored by the loss.
+    gives every rank the same shapes (ZeRO-3 needs that) and exact padding statistics. Labels (absent
+    when answering) are padded with -100 so that padding is ignored by the loss.
     """
 
     pad_token_id: int
@@ -369,7 +382,8 @@ class Seq2SeqCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
         width = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        label_width = max(len(r["labels"]) for r in rows)
+        has_labels = "labels" in rows[0]
+        label_width = max(len(r["labels"]) for r in rows) if has_labels else 0
         n = len(rows)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((n, width), dtype=torch.long)
@@ -380,9 +394,13 @@ class Seq2SeqCollator:
             input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[i, : len(ids)] = 1
             global_attention_mask[i, : max(1, int(row["num_global"]))] = 1
-            labels[i, : len(row["labels"])] = torch.tensor(row["labels"], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "global_attention_mask": global_attention_mask, "labels": labels}
+            if has_labels:
+                labels[i, : len(row["labels"])] = torch.tensor(row["labels"], dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "global_attention_mask": global_attention_mask}
+        if has_labels:
+            batch["labels"] = labels
+        return batch
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def lfqa_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def cache_overrides(tmp: Path) -> list[str]:
+    return [f"model.cache_dir={tmp / 'models'}", f"data.cache_dir={tmp / 'datasets'}"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """The tiny job trained once on 2 CPU processes through `accelerate launch`, as `make train` runs it.
+
+    Returns (tmp folder, run folder, console output). Shared by the training, eval and answer tests.
+    """
+    tmp = tmp_path_factory.mktemp("train2")
+    run_dir = tmp / "run"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "accelerate_configs/cpu.yaml",
+           "--main_process_port", str(free_port()), "-m", "lfqa.train", "jobs/tiny-cpu.yaml",
+           f"output.dir={run_dir}", "train.epochs=12", "tracking.progress_bar=false", *cache_overrides(tmp)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=lfqa_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return tmp, run_dir, proc.stdout + proc.stderr

@@ -1,0 +1,169 @@
+"""`lfqa answer`, its Python API, and `lfqa eval` on the model trained by the shared `trained` fixture."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lfqa.answer import Answerer, InputError, read_document
+from lfqa.answer import main as answer_main
+from lfqa.metrics import bootstrap_ci, rouge
+from lfqa.model_eval import main as eval_main
+
+VAL = [json.loads(line) for line in open("lfqa/data/tiny_validation.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained):
+    return str(trained[1] / "model")
+
+
+@pytest.fixture(scope="module")
+def answerer(model_dir):
+    return Answerer(model_dir)
+
+
+def test_python_api_answers_passages_and_documents(answerer):
+    row = VAL[0]
+    result = answerer.answer(row["question"], contexts=row["context"])
+    assert len(result.answer.split()) >= 10 and not result.truncated
+    assert result.input_tokens > 50 and result.max_input_tokens == 1024  # model.tiny.max_input_tokens
+    # The decoding settings the model was trained with (its job.yaml): greedy, no repeated trigrams.
+    assert answerer.generation.num_beams == 1 and answerer.generation.no_repeat_ngram_size == 3
+    again = answerer.answer(row["question"], document=" ".join(row["context"]))
+    assert again.answer == result.answer  # passages are joined with spaces either way
+    with pytest.raises(InputError, match="question 1 is empty"):
+        answerer.answer("  ", document="text")
+    with pytest.raises(InputError, match="has an empty context"):
+        answerer.answer("Why?", contexts=["", " "])
+
+
+def test_long_documents_are_cut_and_say_so(model_dir):
+    small = Answerer(model_dir, max_input_tokens=64)
+    result = small.answer(VAL[0]["question"], contexts=VAL[0]["context"])
+    assert result.truncated and result.input_tokens > 64 and result.max_input_tokens == 64
+    assert result.answer
+
+
+def test_cli_answers_a_pdf(tmp_path, model_dir, capsys):
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfgen import canvas
+
+    pdf = tmp_path / "notes.pdf"
+    c = canvas.Canvas(str(pdf), pagesize=A4)
+    y = 800
+    for passage in VAL[3]["context"]:
+        for i in range(0, len(passage), 90):
+            c.drawString(40, y, passage[i:i + 90])
+            y -= 14
+    c.save()
+    text = read_document(pdf)
+    assert VAL[3]["context"][0][:40] in text.replace("\n", "")
+    assert answer_main(["--model", model_dir, "--question", VAL[3]["question"], "--document", str(pdf)]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.strip().split()) >= 10 and "note:" not in out.err
+
+
+def test_cli_says_when_the_document_was_cut(tmp_path, model_dir, capsys):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Notes\n\n" + " ".join(VAL[1]["context"]))
+    assert answer_main(["--model", model_dir, "--question", VAL[1]["question"], "--document", str(doc),
+                        "--max-input-tokens", "40"]) == 0
+    err = capsys.readouterr().err
+    assert "was cut to the model's maximum of 40" in err
+
+
+def test_cli_jsonl_many_questions(tmp_path, model_dir):
+    (tmp_path / "doc.txt").write_text(" ".join(VAL[2]["context"]))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": VAL[2]["question"], "document": "doc.txt"}) + "\n"
+                         + json.dumps({"question": VAL[4]["question"], "context": VAL[4]["context"]}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert answer_main(["--model", model_dir, "--jsonl", str(questions), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question"] for r in rows] == [VAL[2]["question"], VAL[4]["question"]]
+    assert all(len(r["answer"].split()) >= 10 and r["truncated"] is False for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--question", "Why?", "--document", "{tmp}/missing.txt"], "missing.txt: no such file"),
+    (["--question", "Why?", "--document", "{tmp}/empty.txt"], "empty.txt: the document is empty"),
+    (["--question", "Why?", "--document", "{tmp}/blank.pdf"], "blank.pdf: the PDF has no extractable text"),
+    (["--question", "Why?", "--document", "{tmp}/fake.pdf"], "fake.pdf: not a readable PDF"),
+    (["--question", " ", "--context", "text"], "the question is empty"),
+])
+def test_cli_bad_input_is_a_one_line_error(tmp_path, model_dir, capsys, args, message):
+    from reportlab.pdfgen import canvas
+
+    (tmp_path / "empty.txt").write_text("  \n")
+    blank = canvas.Canvas(str(tmp_path / "blank.pdf"))
+    blank.showPage()
+    blank.save()
+    (tmp_path / "fake.pdf").write_text("not a pdf")
+    code = answer_main(["--model", model_dir, *[a.format(tmp=tmp_path) for a in args]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("lfqa: error: ") and message in err[0]
+
+
+def test_a_folder_without_a_seq2seq_model_is_an_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert answer_main(["--model", str(tmp_path), "--question", "Why?", "--context", "x"]) == 1
+    assert "holds a bert model, not a sequence-to-sequence" in capsys.readouterr().err
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    values = np.random.default_rng(0).uniform(0, 1, 200)
+    low, high = bootstrap_ci(values, samples=2000)
+    assert low < values.mean() < high and 0.05 < high - low < 0.2
+    assert bootstrap_ci(np.full(10, 0.5)) == (0.5, 0.5)
+
+
+def test_rouge_of_identical_and_disjoint_texts():
+    assert rouge(["The cat sat. It slept."], ["The cat sat. It slept."])["rougeLsum"] == pytest.approx(1.0)
+    assert rouge(["dogs bark"], ["cats sleep"])["rouge1"] == 0.0
+
+
+def test_eval_compares_the_fine_tuned_model_with_the_base_model(trained, tmp_path, capsys):
+    tmp, run_dir, _ = trained
+    base = next((tmp / "models").glob("tiny-led-*"))
+    out = tmp_path / "eval"
+    code = eval_main(["--model", str(run_dir / "model"), "--compare", str(base), "--limit", "20", "--out", str(out),
+                      "--bootstrap", "500"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    tuned, untrained = report["models"][str(run_dir / "model")], report["models"][str(base)]
+    assert report["data"]["examples"] == 20 and report["data"]["source"].endswith("tiny_validation.jsonl")
+    for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        r = tuned["rouge"][k]
+        assert r["ci_low"] <= r["mean"] <= r["ci_high"]
+    assert tuned["rouge"]["rougeL"]["ci_low"] > untrained["rouge"]["rougeL"]["ci_high"]
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 20 and predictions[0]["question"] == VAL[0]["question"]
+    generated = [p["generated"][str(run_dir / "model")] for p in predictions]
+    references = [p["reference"] for p in predictions]
+    assert rouge(generated, references)["rougeL"] == pytest.approx(tuned["rouge"]["rougeL"]["mean"])
+    md = (out / "report.md").read_text()
+    assert f"`{run_dir / 'model'}`" in md and "## Sample answers" in md and VAL[0]["question"] in md
+    assert "predictions and report written to" in capsys.readouterr().out
+
+
+def test_eval_reads_other_files_and_reports_malformed_rows(trained, tmp_path):
+    _, run_dir, _ = trained
+    data = tmp_path / "rows.jsonl"
+    rows = [{"q": r["question"], "answers": [r["answer"]], "document": " ".join(r["context"])} for r in VAL[:3]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    out = tmp_path / "eval"
+    code = eval_main(["--model", str(run_dir / "model"), "--data", str(data), "--out", str(out), "--bootstrap", "100",
+                      "data.fields.question=q", "data.fields.answer=answers.0", "data.fields.context=document"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["examples"] == 3 and report["data"]["malformed"] == 1
+    assert report["data"]["problems"] == [f"{data}:4: line is not valid JSON"]
+
+
+def test_eval_errors(trained, tmp_path, capsys):
+    _, run_dir, _ = trained
+    assert eval_main(["--model", str(run_dir / "model"), "--data", str(tmp_path / "none.jsonl")]) == 1
+    assert "none.jsonl: no such file" in capsys.readouterr().err
+    assert eval_main(["--model", str(run_dir / "model"), "data.fields.questio=q"]) == 2
+    assert "unknown key 'data.fields.questio'" in capsys.readouterr().err
