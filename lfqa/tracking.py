@@ -35,10 +35,18 @@ def _fmt(value: float) -> str:
 
 
 class ConsoleTracker:
-    """One line per log call, written through tqdm so that it does not break the progress bar."""
+    """One line per log call, written through tqdm so that it does not break the progress bar.
+
+    ``prefixes`` limits it to some metrics (evaluation prints its own, richer summary).
+    """
+
+    def __init__(self, prefixes: tuple[str, ...] = ("",)):
+        self.prefixes = prefixes
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        tqdm.write(f"step {step}: " + " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+        shown = {k: v for k, v in metrics.items() if k.startswith(self.prefixes)}
+        if shown:
+            tqdm.write(f"step {step}: " + " | ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
 
     def close(self) -> None:
         pass

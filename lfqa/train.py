@@ -185,7 +185,9 @@ def run(job: JobConfig) -> dict:
     log(f"train: {len(data.train)} rows, {len(loader)} batches of {job.data.batch_size} per process, "
         f"{total_steps} optimizer steps ({epochs} epoch(s), gradient accumulation {accum})")
 
-    tracker = Trackers(ConsoleTracker(), JsonlTracker(run_dir / "metrics.jsonl")) if is_main else NullTracker()
+    # Evaluation prints its own summary; the console tracker shows the training lines only.
+    tracker = (Trackers(ConsoleTracker(prefixes=("train/",)), JsonlTracker(run_dir / "metrics.jsonl")) if is_main
+               else NullTracker())
 
     def run_eval(step: int, label: str) -> dict:
         result = evaluate(model, tokenizer, data.validation, data.val_questions, data.val_references,

@@ -167,3 +167,28 @@ def test_eval_errors(trained, tmp_path, capsys):
     assert "none.jsonl: no such file" in capsys.readouterr().err
     assert eval_main(["--model", str(run_dir / "model"), "data.fields.questio=q"]) == 2
     assert "unknown key 'data.fields.questio'" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_eval_splits_the_work_between_two_processes(trained, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ROOT, free_port, lfqa_env
+
+    _, run_dir, _ = trained
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert eval_main(["--model", str(run_dir / "model"), "--limit", "9", "--out", str(single),
+                      "--bootstrap", "100"]) == 0
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "accelerate_configs/cpu.yaml",
+           "--main_process_port", str(free_port()), "-m", "lfqa.model_eval", "--model", str(run_dir / "model"),
+           "--limit", "9", "--out", str(double), "--bootstrap", "100"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=lfqa_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [json.loads(x) for x in (single / "predictions.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (double / "predictions.jsonl").read_text().splitlines()]
+    # An odd count split 5 / 4, gathered back in order: the same answers as one process.
+    assert [r["question"] for r in two] == [r["question"] for r in one] and len(two) == 9
+    assert [r["generated"] for r in two] == [r["generated"] for r in one]
+    assert proc.stdout.count("predictions and report written to") == 1  # only the main process writes

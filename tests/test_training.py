@@ -137,3 +137,44 @@ def test_missing_data_file_is_a_one_line_error(tmp_path):
 def test_help_lists_usage():
     proc = subprocess.run([sys.executable, "-m", "lfqa.train", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "key=value" in proc.stdout and "accelerate launch" in proc.stdout
+
+
+def test_the_same_seed_gives_the_same_run(tmp_path):
+    def train(name):
+        args = ["jobs/tiny-cpu.yaml", f"output.dir={tmp_path / name}", "train.max_steps=6", "eval.at_start=false",
+                "eval.max_generate_samples=2", "data.max_eval_samples=4", "tracking.progress_bar=false",
+                "tracking.log_every_steps=2", *cache_overrides(tmp_path)]
+        proc = run_single(args, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses = [r["train/loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                  if "train/loss" in r]
+        from safetensors.torch import load_file
+
+        return losses, load_file(tmp_path / name / "model" / "model.safetensors")
+
+    losses_a, weights_a = train("a")
+    losses_b, weights_b = train("b")
+    assert len(losses_a) == 3 and losses_a == losses_b
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_bf16_gradient_checkpointing_accumulation_and_periodic_eval(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["jobs/tiny-cpu.yaml", f"output.dir={run_dir}", "train.max_steps=4", "train.precision=bf16",
+            "model.gradient_checkpointing=true", "train.gradient_accumulation_steps=2", "eval.every_steps=2",
+            "eval.at_start=false", "eval.max_generate_samples=2", "data.max_eval_samples=4",
+            "tracking.log_every_steps=1", "tracking.progress_bar=false", *cache_overrides(tmp_path)]
+    proc = run_single(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # 4 optimizer steps of 2 micro-batches of 4 rows.
+    assert summary["train"]["steps"] == 4 and summary["ranks"]["rows_seen_per_rank_epoch0"] == [32]
+    assert (run_dir / "eval-step2.json").exists() and (run_dir / "eval-step4.json").exists()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    # Warm-up of 200 steps: the learning rate grows by learning_rate / 200 per optimizer step.
+    assert [round(r["train/lr"] / 1e-3 * 200) for r in train] == [1, 2, 3, 4]
+    assert all(r["train/grad_norm"] > 0 for r in train)
+    assert "step 2: eval loss" in proc.stdout + proc.stderr
