@@ -130,6 +130,9 @@ def run(job: JobConfig) -> dict:
     )
     from lfqa.tracking import ConsoleTracker, JsonlTracker, NullTracker, Trackers
 
+    run_dir = Path(job.output.dir)
+    if (run_dir / "model").exists() and not job.output.overwrite:  # every rank stops, before any collective
+        raise ConfigError(f"output.dir: {run_dir}/model exists and output.overwrite is false")
     accelerator = make_accelerator(job)
     is_main = accelerator.is_main_process
 
@@ -137,10 +140,7 @@ def run(job: JobConfig) -> dict:
         if is_main:
             tqdm.write(message)
 
-    run_dir = Path(job.output.dir)
     if is_main:
-        if (run_dir / "model").exists() and not job.output.overwrite:
-            raise ConfigError(f"output.dir: {run_dir}/model exists and output.overwrite is false")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     log(f"lfqa: {accelerator.num_processes} process(es) ({accelerator.distributed_type}), device {accelerator.device}, "
@@ -178,7 +178,8 @@ def run(job: JobConfig) -> dict:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     accum = job.train.gradient_accumulation_steps
-    steps_per_epoch = max(1, len(loader) // accum)
+    # accelerate also steps at the end of the data loader, after a last partial accumulation.
+    steps_per_epoch = math.ceil(len(loader) / accum)
     total_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, job.train.warmup_steps, total_steps))
@@ -210,8 +211,9 @@ def run(job: JobConfig) -> dict:
         summary["eval_start"] = run_eval(0, "untrained model")
 
     seen = np.zeros(len(data.train), dtype=np.int64)  # which rows this rank trained on in epoch 0
-    window_stats = np.zeros(6)  # loss sum, micro-batches, samples, real input, padded input, real answer tokens
-    padded_answer = 0
+    # Sums since the last log line, kept on the device so that the step never waits for a .item():
+    # loss, micro-batches, rows, real input tokens, padded input tokens, real answer tokens, padded answer tokens.
+    window = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
     progress = tqdm(total=total_steps, desc="train", disable=not (is_main and job.tracking.progress_bar),
                     dynamic_ncols=True)
     model.train()
@@ -231,17 +233,18 @@ def run(job: JobConfig) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             labels = batch["labels"]
-            window_stats += (loss.item(), 1, labels.shape[0], int(batch["attention_mask"].sum()),
-                             batch["input_ids"].numel(), int((labels != -100).sum()))
-            padded_answer += labels.numel()
+            window[0] += loss.detach()
+            window[3] += batch["attention_mask"].sum()
+            window[5] += (labels != -100).sum()
+            window[[1, 2, 4, 6]] += torch.tensor([1, labels.shape[0], batch["input_ids"].numel(), labels.numel()],
+                                                 dtype=torch.float64, device=accelerator.device)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
             progress.update(1)
             if step % job.tracking.log_every_steps == 0 or step == total_steps:
-                stats = accelerator.reduce(torch.tensor(np.append(window_stats, padded_answer),
-                                                        device=accelerator.device), reduction="sum").cpu().numpy()
+                stats = accelerator.reduce(window, reduction="sum").cpu().numpy()
                 now = time.perf_counter()
                 metrics = {
                     "train/loss": stats[0] / stats[1],
@@ -257,8 +260,7 @@ def run(job: JobConfig) -> dict:
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                                      samples_s=f"{metrics['train/samples_per_s']:.2f}")
-                window_stats[:] = 0
-                padded_answer = 0
+                window.zero_()
                 last_log = now
             if job.eval.every_steps and step % job.eval.every_steps == 0 and step < total_steps:
                 run_eval(step, f"step {step}")

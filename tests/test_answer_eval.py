@@ -9,8 +9,9 @@ from lfqa.answer import Answerer, InputError, read_document
 from lfqa.answer import main as answer_main
 from lfqa.metrics import bootstrap_ci, rouge
 from lfqa.model_eval import main as eval_main
+from lfqa.modeling import BUNDLED_VALIDATION
 
-VAL = [json.loads(line) for line in open("lfqa/data/tiny_validation.jsonl")]
+VAL = [json.loads(line) for line in BUNDLED_VALIDATION.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

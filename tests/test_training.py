@@ -117,6 +117,11 @@ def test_single_process_run_reuses_the_tokenised_cache(tmp_path):
     assert "tiny_validation.jsonl: loaded tokenised rows from cache" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["train"]["steps"] == 3 and summary["ranks"]["rows_seen_per_rank_epoch0"] == [12]  # 3 steps of 4 rows
+    # A finished model is not replaced unless the job allows it.
+    third = run_single([*args, "output.overwrite=false"], tmp_path)
+    assert third.returncode == 1
+    assert third.stderr.strip().splitlines()[-1] == (
+        f"lfqa: error: output.dir: {tmp_path / 'run'}/model exists and output.overwrite is false")
 
 
 def test_config_errors_stop_before_anything_starts(tmp_path):
