@@ -59,8 +59,10 @@ def evaluate(model, tokenizer, dataset, questions: list[str], references: list[s
     token_count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for idx in _batches(mine, cfg.batch_size):
         batch = {k: v.to(accelerator.device) for k, v in collator([dataset[i] for i in idx]).items()}
+        # The unwrapped module: a DDP forward may broadcast buffers, a collective that would hang when the
+        # ranks run different numbers of batches (len(dataset) not divisible by the world size).
         with accelerator.autocast():
-            out = model(**batch)
+            out = unwrapped(**batch)
         n_tokens = (batch["labels"] != -100).sum()
         loss_sum += out.loss.double() * n_tokens
         token_count += n_tokens

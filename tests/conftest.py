@@ -63,7 +63,9 @@ def trained(tmp_path_factory):
     run_dir = tmp / "run"
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "accelerate_configs/cpu.yaml",
            "--main_process_port", str(free_port()), "-m", "lfqa.train", "jobs/tiny-cpu.yaml",
-           f"output.dir={run_dir}", "train.epochs=12", "tracking.progress_bar=false", *cache_overrides(tmp)]
+           f"output.dir={run_dir}", "train.epochs=12", "tracking.progress_bar=false",
+           # 49 rows in batches of 24: rank 0 evaluates 2 batches, rank 1 one; evaluation must not hang.
+           "data.max_eval_samples=49", "eval.batch_size=24", *cache_overrides(tmp)]
     proc = subprocess.run(cmd, cwd=ROOT, env=lfqa_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return tmp, run_dir, proc.stdout + proc.stderr

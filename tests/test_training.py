@@ -74,7 +74,8 @@ def test_the_saved_model_reloads_answers_and_reproduces_the_validation_loss(trai
 
     examples, report, fp = read_split(job.data, "validation")
     ds = tokenize_examples(examples, tok, job.data, report, fp, max_input_tokens=1024, max_answer_tokens=256,
-                           limit=None, log=lambda _: None)
+                           limit=job.data.max_eval_samples, log=lambda _: None)
+    assert len(ds) == 49
     collate = Seq2SeqCollator(tok.pad_token_id, attention_window(model))
 
     def validation_loss(input_of) -> float:
