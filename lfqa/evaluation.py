@@ -35,9 +35,19 @@ def generation_kwargs(gen: GenerationConfig) -> dict:
     return kwargs
 
 
-def _batches(indices: list[int], size: int):
-    for i in range(0, len(indices), size):
-        yield indices[i:i + size]
+def _rank_batches(shares: list[list[int]], rank: int, size: int, lockstep: bool) -> list[tuple[list[int], bool]]:
+    """This rank's batches as (indices, real); in lockstep every rank runs as many batches as the busiest.
+
+    Under ZeRO-3 each forward gathers parameters from every rank, so all ranks must run the same number of
+    forwards: a rank with fewer rows repeats a batch whose result it throws away (``real`` False).
+    """
+    mine = [shares[rank][i:i + size] for i in range(0, len(shares[rank]), size)]
+    out = [(idx, True) for idx in mine]
+    if lockstep:
+        most = max(math.ceil(len(share) / size) for share in shares)
+        filler = mine[-1] if mine else [next(i for share in shares for i in share)]
+        out += [(filler, False)] * (most - len(mine))
+    return out
 
 
 @torch.no_grad()
@@ -46,36 +56,41 @@ def evaluate(model, tokenizer, dataset, questions: list[str], references: list[s
     """Loss on every validation row, generated answers for the first ``max_generate_samples``.
 
     Rows are dealt out round-robin to the ranks (sorted by length first, so batches pad little); the
-    sums and the generated texts are gathered, so every rank returns the same result.
+    sums and the generated texts are gathered, so every rank returns the same result. Under ZeRO-3 the
+    ranks run in lockstep and generate with ``synced_gpus`` (answers of different lengths would hang).
     """
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     rank, world = accelerator.process_index, accelerator.num_processes
+    plugin = accelerator.state.deepspeed_plugin
+    zero3 = plugin is not None and plugin.zero_stage == 3
     lengths = [len(x) for x in dataset["input_ids"]]
     by_length = sorted(range(len(dataset)), key=lambda i: lengths[i])
-    mine = by_length[rank::world]
+    shares = [by_length[r::world] for r in range(world)]
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     token_count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    for idx in _batches(mine, cfg.batch_size):
+    for idx, real in _rank_batches(shares, rank, cfg.batch_size, zero3):
         batch = {k: v.to(accelerator.device) for k, v in collator([dataset[i] for i in idx]).items()}
         # The unwrapped module: a DDP forward may broadcast buffers, a collective that would hang when the
         # ranks run different numbers of batches (len(dataset) not divisible by the world size).
         with accelerator.autocast():
             out = unwrapped(**batch)
-        n_tokens = (batch["labels"] != -100).sum()
-        loss_sum += out.loss.double() * n_tokens
-        token_count += n_tokens
+        if real:
+            n_tokens = (batch["labels"] != -100).sum()
+            loss_sum += out.loss.double() * n_tokens
+            token_count += n_tokens
     loss_sum = accelerator.reduce(loss_sum, reduction="sum")
     token_count = accelerator.reduce(token_count, reduction="sum")
     loss = float(loss_sum / token_count) if token_count > 0 else math.nan
 
     limit = len(dataset) if cfg.max_generate_samples is None else min(cfg.max_generate_samples, len(dataset))
-    gen_set = set(range(limit))
-    mine_gen = [i for i in mine if i in gen_set]
+    gen_shares = [[i for i in share if i < limit] for share in shares]
     predictions: list[tuple[int, str]] = []
     kwargs = generation_kwargs(cfg.generation)
-    for idx in _batches(mine_gen, cfg.batch_size):
+    if zero3:
+        kwargs["synced_gpus"] = True
+    for idx, real in _rank_batches(gen_shares, rank, cfg.batch_size, zero3 and limit > 0):
         batch = collator([dataset[i] for i in idx])
         with accelerator.autocast():
             generated = unwrapped.generate(
@@ -84,8 +99,9 @@ def evaluate(model, tokenizer, dataset, questions: list[str], references: list[s
                 global_attention_mask=batch["global_attention_mask"].to(accelerator.device),
                 **kwargs,
             )
-        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        predictions.extend(zip(idx, (t.strip() for t in texts)))
+        if real:
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            predictions.extend(zip(idx, (t.strip() for t in texts)))
     if world > 1:
         predictions = gather_object(predictions)
     predictions.sort()

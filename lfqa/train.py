@@ -64,20 +64,45 @@ def make_accelerator(job: JobConfig):
 
     handlers = []
     cpu_only = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if cpu_only and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # On CPU-only machines accelerate needs both `cpu=True` (its launcher sets ACCELERATE_USE_CPU only
-        # for --cpu, which starts a single process) and an explicit gloo backend; without them every
+        # On CPU-only machines accelerate needs an explicit gloo backend and, for plain DDP, `cpu=True` (its
+        # launcher sets ACCELERATE_USE_CPU only for --cpu, which starts a single process); without them every
         # rank silently trains alone: no gradient sync, no data split, all ranks write the same files.
+        # Under DeepSpeed, cpu=True would replace DeepSpeed by DDP, so there only gloo is set.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[job.train.precision]
     return Accelerator(
-        cpu=cpu_only,
+        cpu=cpu_only and not deepspeed,
         mixed_precision=precision,
         gradient_accumulation_steps=job.train.gradient_accumulation_steps,
         # We step the scheduler once per optimizer step ourselves and size it in optimizer steps.
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
+
+
+def configure_deepspeed(accelerator, job: JobConfig) -> dict | None:
+    """Fill the DeepSpeed config's "auto" values that accelerate cannot infer, from the job (one place).
+
+    accelerate fills precision, accumulation and the optimizer's learning rate itself; the micro batch it
+    reads from a DataLoader's batch_size, which ours (a batch sampler) does not have. Returns the config,
+    or None without DeepSpeed.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = job.data.batch_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = job.train.max_grad_norm or 0.0
+    # accelerate fills the optimizer's lr and weight_decay from DummyOptim, not betas and eps.
+    params = config.get("optimizer", {}).get("params", {})
+    for key, value in (("betas", [job.train.adam_beta1, job.train.adam_beta2]), ("eps", job.train.adam_epsilon)):
+        if params.get(key) == "auto":
+            params[key] = value
+    return config
 
 
 def prepare_data(job: JobConfig, tokenizer, model, accelerator, log) -> PreparedData:
@@ -151,7 +176,9 @@ def run(job: JobConfig) -> dict:
         model_path = resolve_model_path(job.model)
     tokenizer = load_tokenizer(model_path, job.model.revision)
     model = load_model(model_path, job.model.revision)
-    log(f"model {job.model.name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) "
+    # ds_numel: under ZeRO-3 from_pretrained already partitions the weights across ranks.
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    log(f"model {job.model.name_or_path} ({n_params / 1e6:.2f}M parameters) "
         f"from {model_path}")
     if job.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -173,20 +200,36 @@ def run(job: JobConfig) -> dict:
          "weight_decay": job.train.weight_decay},
         {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=job.train.learning_rate, betas=(job.train.adam_beta1,
-                                  job.train.adam_beta2), eps=job.train.adam_epsilon)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-
     accum = job.train.gradient_accumulation_steps
     # accelerate also steps at the end of the data loader, after a last partial accumulation.
-    steps_per_epoch = math.ceil(len(loader) / accum)
+    per_rank_batches = math.ceil(len(sampler) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(per_rank_batches / accum)
     total_steps = job.train.max_steps or job.train.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, job.train.warmup_steps, total_steps))
+
+    ds_config = configure_deepspeed(accelerator, job) or {}
+    betas = (job.train.adam_beta1, job.train.adam_beta2)
+    if "optimizer" in ds_config:
+        # DeepSpeed builds its own optimizer (CPU Adam when offloading); "auto" values come from here.
+        from accelerate.utils import DummyOptim
+
+        optimizer = DummyOptim(groups, lr=job.train.learning_rate, weight_decay=job.train.weight_decay,
+                               betas=betas, eps=job.train.adam_epsilon)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=job.train.learning_rate, betas=betas, eps=job.train.adam_epsilon)
+    if "scheduler" in ds_config:
+        from accelerate.utils import DummyScheduler
+
+        # DeepSpeed's WarmupDecayLR: the same linear warm-up and decay. accelerate divides total_num_steps by
+        # the process count (it assumes steps counted over all processes); ours are optimizer steps.
+        scheduler = DummyScheduler(optimizer, total_num_steps=total_steps * accelerator.num_processes,
+                                   warmup_num_steps=job.train.warmup_steps)
+    else:
+        scheduler = get_linear_schedule_with_warmup(optimizer, job.train.warmup_steps, total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     log(f"train: {len(data.train)} rows, {len(loader)} batches of {job.data.batch_size} per process, "
         f"{total_steps} optimizer steps ({epochs} epoch(s), gradient accumulation {accum})")
 
-    # Evaluation prints its own summary; the console tracker shows the training lines only.
     tracker = (Trackers(ConsoleTracker(prefixes=("train/",)), JsonlTracker(run_dir / "metrics.jsonl")) if is_main
                else NullTracker())
 
