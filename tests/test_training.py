@@ -12,7 +12,6 @@ from conftest import cache_overrides, lfqa_env
 from lfqa.config import load_job
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 @pytest.mark.distributed
