@@ -4,6 +4,7 @@
     lfqa eval --model runs/tiny-cpu/model [--compare OTHER] [--data FILE ...]
     lfqa answer --model runs/tiny-cpu/model --question "..." --document paper.pdf
     lfqa data-report [--job JOB] [--data FILE ...]
+    lfqa plot runs/tiny-cpu
     lfqa check-job jobs/led-base-lfqa.yaml [key=value ...]
     lfqa build-tiny --out /tmp/tiny-led
 """
@@ -22,6 +23,7 @@ DELEGATED = {
     "eval": ("lfqa.model_eval", "score a model's answers with ROUGE (bootstrap intervals), optionally vs another"),
     "answer": ("lfqa.answer", "answer a question about a text, Markdown or PDF document"),
     "data-report": ("lfqa.data_report", "row counts and length histograms of a job's data"),
+    "plot": ("lfqa.plot", "draw a run's training and evaluation curves to a PNG"),
 }
 
 

@@ -9,6 +9,8 @@ Several processes (what ``make train`` runs: 2 CPU processes over gloo)::
 
     accelerate launch --config_file accelerate_configs/cpu.yaml -m lfqa.train jobs/tiny-cpu.yaml
     accelerate launch --config_file accelerate_configs/multi-gpu.yaml -m lfqa.train jobs/led-base-lfqa.yaml
+    accelerate launch --config_file accelerate_configs/zero2.yaml -m lfqa.train jobs/led-base-lfqa.yaml
+    accelerate launch --config_file accelerate_configs/zero3-cpu.yaml -m lfqa.train jobs/tiny-cpu.yaml  # test
 
 The run folder (``output.dir``) receives ``metrics.jsonl``, ``summary.json`` and ``model/`` (weights as
 safetensors, tokenizer, ``job.yaml``); only the main process writes.
@@ -333,8 +335,12 @@ def run(job: JobConfig) -> dict:
         summary["model_dir"] = str(model_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         log(f"model saved to {model_dir}")
-    accelerator.wait_for_everyone()
     tracker.close()
+    if is_main:
+        from lfqa.plot import plot_run
+
+        log(f"training curves drawn to {plot_run(run_dir)}")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 

@@ -53,7 +53,7 @@ def test_only_the_main_process_writes_metrics(trained):
         assert r["train/samples_per_s"] > 0 and 0 < r["train/input_padding_efficiency"] <= 1
         assert 0 < r["train/answer_padding_efficiency"] <= 1 and r["train/lr"] >= 0
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "eval-step0.json", "eval-step600.json", "metrics.jsonl", "model", "summary.json"]
+        "curves.png", "eval-step0.json", "eval-step600.json", "metrics.jsonl", "model", "summary.json"]
 
 
 @pytest.mark.distributed
@@ -193,3 +193,23 @@ def test_bf16_gradient_checkpointing_accumulation_and_periodic_eval(tmp_path):
     assert [round(r["train/lr"] / 1e-3 * 200) for r in train] == [1, 2, 3, 4]
     assert all(r["train/grad_norm"] > 0 for r in train)
     assert "step 2: eval loss" in proc.stdout + proc.stderr
+
+
+def test_plot_draws_the_curves_of_a_run(trained, tmp_path, capsys):
+    from lfqa.plot import PlotError, read_metrics, series
+    from lfqa.plot import main as plot_main
+
+    _, run_dir, output = trained
+    assert f"training curves drawn to {run_dir / 'curves.png'}" in output
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_metrics(run_dir)
+    steps, losses = series(records, "train/loss")
+    assert steps == list(range(10, 601, 10)) and losses[-1] < losses[0]
+    assert series(records, "eval/rougeL")[0] == [0, 600]
+    out = tmp_path / "c.png"
+    assert plot_main([str(run_dir), "--out", str(out)]) == 0 and out.stat().st_size > 10_000
+    assert plot_main([str(tmp_path)]) == 1
+    assert "metrics.jsonl: no such file" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(PlotError, match=r"metrics.jsonl:2: line is not valid JSON"):
+        read_metrics(tmp_path)
