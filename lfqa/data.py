@@ -28,7 +28,7 @@ from torch.utils.data import Sampler
 from lfqa.config import DataConfig, FieldsConfig
 
 # Bump when the tokenised layout changes, so old cache files are not reused.
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
 MAX_REPORTED_PROBLEMS = 10
 
 
@@ -317,8 +317,9 @@ def tokenize_examples(
 ):
     """Tokenise with ``datasets.map`` into a cache file keyed by data, tokenizer and settings.
 
-    Returns a ``datasets.Dataset`` with ``input_ids``, ``labels`` and ``num_global`` (the number of
-    leading tokens that get global attention), already filtered; updates ``report`` with the counts.
+    Returns a ``datasets.Dataset`` with ``input_ids``, ``labels``, ``num_global`` (the number of leading
+    tokens that get global attention), ``input_length``, ``label_length`` and ``row_id`` (the row's position
+    in ``examples``), already filtered; updates ``report`` with the counts.
     """
     import datasets
 
@@ -334,7 +335,10 @@ def tokenize_examples(
         encoded = encode_inputs(tokenizer, batch["question"], batch["context"], max_input_tokens,
                                 cfg.global_attention)
         labels = tokenizer(text_target=batch["answer"], add_special_tokens=True)["input_ids"]
-        return {**encoded, "labels": labels, "row_id": indices}
+        # Lengths as their own columns: batching reads them without loading every token list.
+        return {**encoded, "labels": labels, "row_id": indices,
+                "input_length": [len(ids) for ids in encoded["input_ids"]],
+                "label_length": [len(ids) for ids in labels]}
 
     raw = datasets.Dataset.from_dict({
         "question": [e.question for e in examples],
@@ -347,7 +351,7 @@ def tokenize_examples(
                         desc=f"Tokenising {report.source}")
     log(f"{report.source}: {'loaded tokenised rows from cache' if cached else 'tokenised'} {cache_file}")
 
-    label_lengths = np.array([len(x) for x in tokenised["labels"]])
+    label_lengths = np.array(tokenised["label_length"])
     keep = np.flatnonzero(label_lengths <= max_answer_tokens)
     report.dropped_long_answer = int(len(label_lengths) - len(keep))
     truncated = np.array(tokenised["truncated"], dtype=bool)

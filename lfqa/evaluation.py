@@ -64,7 +64,7 @@ def evaluate(model, tokenizer, dataset, questions: list[str], references: list[s
     rank, world = accelerator.process_index, accelerator.num_processes
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3
-    lengths = [len(x) for x in dataset["input_ids"]]
+    lengths = list(dataset["input_length"])
     by_length = sorted(range(len(dataset)), key=lambda i: lengths[i])
     shares = [by_length[r::world] for r in range(world)]
 

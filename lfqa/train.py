@@ -190,7 +190,7 @@ def run(job: JobConfig) -> dict:
     collator = Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=window)
     train_rows = data.train.remove_columns(["row_id"])
     sampler = LengthGroupedBatchSampler(
-        [len(x) for x in data.train["input_ids"]], [len(x) for x in data.train["labels"]], job.data.batch_size,
+        data.train["input_length"], data.train["label_length"], job.data.batch_size,
         window=window, group_size=job.data.length_group_size, group_by_length=job.data.group_by_length,
         seed=job.train.seed,
     )

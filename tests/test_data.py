@@ -190,6 +190,7 @@ def test_labels_and_global_attention_positions(tmp_path, tokenizer):
     ds, _, _ = tokenised(tmp_path, tokenizer, [LFQA_ROW])
     row = ds[0]
     assert tokenizer.decode(row["labels"], skip_special_tokens=True) == LFQA_ROW["answer"]
+    assert (row["input_length"], row["label_length"]) == (len(row["input_ids"]), len(row["labels"]))
     assert row["labels"][0] == tokenizer.bos_token_id and row["labels"][-1] == tokenizer.eos_token_id
     # Global attention covers <s> and exactly the tokens of "question: <question>".
     head = tokenizer.decode(row["input_ids"][1:row["num_global"]])
