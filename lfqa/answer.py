@@ -69,22 +69,23 @@ def read_document(path: str | Path) -> str:
     return text
 
 
-def default_generation(model_path: str) -> GenerationConfig:
-    """The decoding settings the model was evaluated with during training (its ``job.yaml``), else defaults."""
+def saved_job(model_path: str):
+    """The job a model was trained with (its ``job.yaml``), or None for models trained elsewhere."""
     job_file = Path(model_path) / "job.yaml"
-    if job_file.is_file():
-        try:
-            return load_job(job_file).eval.generation
-        except ConfigError:
-            pass
-    return GenerationConfig()
+    if not job_file.is_file():
+        return None
+    try:
+        return load_job(job_file)
+    except ConfigError as err:
+        print(f"lfqa: warning: ignoring {job_file} ({err}); using default decoding", file=sys.stderr)
+        return None
 
 
 class Answerer:
     """A loaded model and tokenizer that answer questions about passages or documents."""
 
     def __init__(self, model: str, *, generation: GenerationConfig | None = None, max_input_tokens: int | None = None,
-                 global_attention: str = "question", device: str | None = None):
+                 global_attention: str | None = None, device: str | None = None):
         from lfqa.data import Seq2SeqCollator
         from lfqa.modeling import attention_window, load_model, load_tokenizer
 
@@ -95,8 +96,10 @@ class Answerer:
         self.model.to(self.device)
         limit = self.model.config.max_encoder_position_embeddings
         self.max_input_tokens = min(max_input_tokens or limit, limit)
-        self.generation = generation or default_generation(self.model_path)
-        self.global_attention = global_attention
+        # Decoding and input layout as in training, when the model folder says how it was trained.
+        job = saved_job(self.model_path) if generation is None or global_attention is None else None
+        self.generation = generation or (job.eval.generation if job else GenerationConfig())
+        self.global_attention = global_attention or (job.data.global_attention if job else "question")
         self.collator = Seq2SeqCollator(self.tokenizer.pad_token_id, attention_window(self.model))
 
     def answer(self, question: str, *, document: str | None = None, contexts: list[str] | None = None) -> Answer:
@@ -113,6 +116,8 @@ class Answerer:
         from lfqa.data import encode_inputs
         from lfqa.evaluation import generation_kwargs
 
+        if not items:  # a rank whose share of a small evaluation is empty
+            return []
         for i, (question, passages) in enumerate(items):
             if not question or not question.strip():
                 raise InputError(f"question {i + 1} is empty")
@@ -169,6 +174,14 @@ def _read_jsonl_questions(path: Path) -> list[tuple[str, list[str]]]:
     return items
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lfqa answer",
@@ -184,10 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jsonl", help="many questions: one JSON object per line with 'question' and "
                                         "'document' or 'context'")
     parser.add_argument("--out", help="with --jsonl: write answers here as JSONL (default: standard output)")
-    parser.add_argument("--max-input-tokens", type=int, help="cut inputs to this many tokens (default: the model's)")
-    parser.add_argument("--num-beams", type=int, help="override the model's decoding setting")
-    parser.add_argument("--max-new-tokens", type=int, help="override the model's decoding setting")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-input-tokens", type=positive_int, help="cut inputs to this many tokens "
+                                                                         "(default: the model's maximum)")
+    parser.add_argument("--num-beams", type=positive_int, help="override the model's decoding setting")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="override the model's decoding setting")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     return parser
 
 

@@ -158,6 +158,8 @@ def normalise_row(row: Any, fields: FieldsConfig) -> Example | str:
         return (f"context field '{fields.context}' is a {type(raw_context).__name__}, expected a string, "
                 f"a list of strings or a list of objects with '{fields.passage_text}'")
     contexts = [c.strip() for c in contexts if c.strip()]
+    if not contexts:
+        return "empty context"
     return Example(values["question"], values["answer"], contexts)
 
 
@@ -408,21 +410,19 @@ class Seq2SeqCollator:
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Deterministic, length-grouped batches, split between ranks.
+    """Deterministic, length-grouped batches (all of them: accelerate deals them out to the ranks).
 
     Each epoch: shuffle all indices with ``(seed, epoch)``, cut them into groups of ``group_size``
     batches, sort each group by (input length rounded up to the window, answer length), cut it into
     batches and shuffle the batch order. Rounding inputs to the window first matters: LED pads inputs to
     the window anyway, so ordering by answer length within a window bucket removes decoder padding for
-    free. Rank ``r`` of ``w`` takes batches ``r, r + w, ...``; the list is padded by wrapping around so
-    that every rank runs the same number of steps (as ``DistributedSampler`` does).
+    free. The one short batch (when the row count is not a multiple of the batch size) always comes last:
+    accelerate's BatchSamplerShard gives rank ``r`` batches ``r, r + w, ...`` and completes only a last
+    round, so a short batch in the middle would silently drop a whole round of batches.
     """
 
     def __init__(self, input_lengths, label_lengths, batch_size: int, *, window: int = 1, group_size: int = 64,
-                 group_by_length: bool = True, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+                 group_by_length: bool = True, shuffle: bool = True, seed: int = 0):
         self.input_lengths = np.asarray(input_lengths)
         self.label_lengths = np.asarray(label_lengths)
         self.batch_size = batch_size
@@ -431,15 +431,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.group_by_length = group_by_length
         self.shuffle = shuffle
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def all_batches(self) -> list[list[int]]:
-        """Every rank's batches for the current epoch, in order (rank r takes r, r + w, ...)."""
+    def __iter__(self) -> Iterator[list[int]]:
         n = len(self.input_lengths)
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
@@ -451,22 +448,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
                 buckets = -(-self.input_lengths[group] // self.window)
                 group = group[np.lexsort((self.label_lengths[group], buckets))]
             batches.extend(group[i:i + self.batch_size].tolist() for i in range(0, len(group), self.batch_size))
+        short = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
         if self.shuffle and self.group_by_length:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        remainder = (-len(batches)) % self.world_size
-        return batches + batches[:remainder]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.all_batches()[self.rank::self.world_size]
+        yield from batches
+        if short:
+            yield short
 
     def __len__(self) -> int:
-        # Groups hold whole batches, so only the very last batch can be short.
-        total = math.ceil(len(self.input_lengths) / self.batch_size)
-        return math.ceil(total / self.world_size)
-
-
-def padding_efficiency(batch: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
-    """(real input tokens, padded input tokens, real answer tokens, padded answer tokens) of a batch."""
-    labels = batch["labels"]
-    return (int(batch["attention_mask"].sum()), batch["input_ids"].numel(),
-            int((labels != -100).sum()), labels.numel())
+        return math.ceil(len(self.input_lengths) / self.batch_size)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lfqa.answer import positive_int
 from lfqa.config import ConfigError, JobConfig, load_job
 from lfqa.metrics import ROUGE_TYPES, bootstrap_ci, rouge_per_example
 
@@ -103,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", help="a second model to score on the same examples, side by side")
     parser.add_argument("--data", nargs="+", help="JSON/JSONL/Parquet files (default: the job's validation split)")
     parser.add_argument("--job", help="job file for fields, limits and decoding (default: the model's job.yaml)")
-    parser.add_argument("--limit", type=int, help="score only the first N usable rows")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--limit", type=positive_int, help="score only the first N usable rows")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the intervals")
     parser.add_argument("--samples", type=int, default=5, help="sample answers in the report")
     parser.add_argument("--out", default="runs/eval", help="folder for predictions.jsonl, report.json, report.md")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -114,13 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lfqa.answer import InputError
     from lfqa.data import DataError, read_files, read_split
     from lfqa.modeling import ModelLoadError
 
     args = build_parser().parse_args(argv)
-    if args.limit is not None and args.limit <= 0:
-        print("lfqa: error: --limit must be > 0", file=sys.stderr)
-        return 2
     try:
         job, job_path = resolve_job(args.model, args.job, args.overrides)
     except ConfigError as err:
@@ -138,12 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         models = {args.model: None}
         if args.compare:
             models[args.compare] = None
-        truncated = 0
         for label in models:
             predictions, truncated = generate_answers(label, items, job, batch_size=args.batch_size, state=state)
-            models[label] = {"predictions": predictions,
+            models[label] = {"predictions": predictions, "truncated_inputs": truncated,
                              **score(predictions, references, bootstrap=args.bootstrap)}
-    except (DataError, ModelLoadError) as err:
+    except (DataError, ModelLoadError, InputError) as err:
         print(f"lfqa: error: {err}", file=sys.stderr)
         return 1
     if not state.is_main_process:
@@ -160,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "job": job_path,
         "data": {"source": data_report.source, "rows_read": data_report.rows_read, "examples": len(examples),
-                 "malformed": data_report.malformed_total, "problems": data_report.problems,
-                 "truncated_inputs": truncated},
+                 "malformed": data_report.malformed_total, "problems": data_report.problems},
         "generation": asdict(job.eval.generation),
-        "models": {label: {"rouge": r["rouge"]} for label, r in models.items()},
+        "models": {label: {"rouge": r["rouge"], "truncated_inputs": r["truncated_inputs"]}
+                   for label, r in models.items()},
         "samples": [{"question": examples[i].question, "reference": examples[i].answer,
                      "generated": {label: r["predictions"][i] for label, r in models.items()}}
                     for i in range(min(args.samples, len(examples)))],

@@ -258,7 +258,7 @@ def run(job: JobConfig) -> dict:
     seen = np.zeros(len(data.train), dtype=np.int64)  # which rows this rank trained on in epoch 0
     # Sums since the last log line, kept on the device so that the step never waits for a .item():
     # loss, micro-batches, rows, real input tokens, padded input tokens, real answer tokens, padded answer tokens.
-    window = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
+    sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
     progress = tqdm(total=total_steps, desc="train", disable=not (is_main and job.tracking.progress_bar),
                     dynamic_ncols=True)
     model.train()
@@ -278,10 +278,10 @@ def run(job: JobConfig) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             labels = batch["labels"]
-            window[0] += loss.detach()
-            window[3] += batch["attention_mask"].sum()
-            window[5] += (labels != -100).sum()
-            window[[1, 2, 4, 6]] += torch.tensor([1, labels.shape[0], batch["input_ids"].numel(), labels.numel()],
+            sums[0] += loss.detach()
+            sums[3] += batch["attention_mask"].sum()
+            sums[5] += (labels != -100).sum()
+            sums[[1, 2, 4, 6]] += torch.tensor([1, labels.shape[0], batch["input_ids"].numel(), labels.numel()],
                                                  dtype=torch.float64, device=accelerator.device)
             if not accelerator.sync_gradients:
                 continue
@@ -289,7 +289,7 @@ def run(job: JobConfig) -> dict:
             step += 1
             progress.update(1)
             if step % job.tracking.log_every_steps == 0 or step == total_steps:
-                stats = accelerator.reduce(window, reduction="sum").cpu().numpy()
+                stats = accelerator.reduce(sums, reduction="sum").cpu().numpy()
                 now = time.perf_counter()
                 metrics = {
                     "train/loss": stats[0] / stats[1],
@@ -305,10 +305,11 @@ def run(job: JobConfig) -> dict:
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                                      samples_s=f"{metrics['train/samples_per_s']:.2f}")
-                window.zero_()
+                sums.zero_()
                 last_log = now
             if job.eval.every_steps and step % job.eval.every_steps == 0 and step < total_steps:
                 run_eval(step, f"step {step}")
+                last_log = time.perf_counter()  # throughput counts training time only
             if step >= total_steps:
                 break
         if step >= total_steps:

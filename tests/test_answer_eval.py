@@ -37,6 +37,8 @@ def test_python_api_answers_passages_and_documents(answerer):
         answerer.answer("  ", document="text")
     with pytest.raises(InputError, match="has an empty context"):
         answerer.answer("Why?", contexts=["", " "])
+    assert answerer.answer_many([]) == []  # an empty share of a small multi-process evaluation
+    assert answerer.global_attention == "question"  # from the model's job.yaml
 
 
 def test_long_documents_are_cut_and_say_so(model_dir):
@@ -164,6 +166,9 @@ def test_eval_reads_other_files_and_reports_malformed_rows(trained, tmp_path):
 
 def test_eval_errors(trained, tmp_path, capsys):
     _, run_dir, _ = trained
+    with pytest.raises(SystemExit) as info:
+        eval_main(["--model", str(run_dir / "model"), "--batch-size", "0"])
+    assert info.value.code == 2 and "--batch-size: must be > 0, got 0" in capsys.readouterr().err
     assert eval_main(["--model", str(run_dir / "model"), "--data", str(tmp_path / "none.jsonl")]) == 1
     assert "none.jsonl: no such file" in capsys.readouterr().err
     assert eval_main(["--model", str(run_dir / "model"), "data.fields.questio=q"]) == 2
