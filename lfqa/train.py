@@ -188,13 +188,12 @@ def run(job: JobConfig) -> dict:
     data = prepare_data(job, tokenizer, model, accelerator, log)
     window = attention_window(model)
     collator = Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=window)
-    train_rows = data.train.remove_columns(["row_id"])
     sampler = LengthGroupedBatchSampler(
         data.train["input_length"], data.train["label_length"], job.data.batch_size,
         window=window, group_size=job.data.length_group_size, group_by_length=job.data.group_by_length,
         seed=job.train.seed,
     )
-    loader = DataLoader(_WithRowId(train_rows), batch_sampler=sampler, collate_fn=_collate_with_ids(collator))
+    loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=_collate_with_row_ids(collator))
 
     no_decay = ("bias", "layer_norm", "layernorm", "LayerNorm")
     groups = [
@@ -255,7 +254,8 @@ def run(job: JobConfig) -> dict:
     if job.eval.at_start:
         summary["eval_start"] = run_eval(0, "untrained model")
 
-    seen = np.zeros(len(data.train), dtype=np.int64)  # which rows this rank trained on in epoch 0
+    # Which rows (by row_id, their place in the data file) this rank trained on in epoch 0.
+    seen = np.zeros(max(data.train["row_id"]) + 1, dtype=np.int64)
     # Sums since the last log line, kept on the device so that the step never waits for a .item():
     # loss, micro-batches, rows, real input tokens, padded input tokens, real answer tokens, padded answer tokens.
     sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
@@ -346,24 +346,14 @@ def run(job: JobConfig) -> dict:
     return summary
 
 
-class _WithRowId(torch.utils.data.Dataset):
-    """Rows plus their position, so that the loop knows which rows each rank trained on."""
+def _collate_with_row_ids(collator):
+    """The model batch plus the rows' ids, so that the loop knows which rows each rank trained on."""
 
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return {**self.rows[i], "row_id": i}
-
-
-def _collate_with_ids(collator):
     def collate(rows: list[dict]) -> dict:
         batch = collator(rows)
         batch["row_id"] = torch.tensor([r["row_id"] for r in rows])
         return batch
+
     return collate
 
 
