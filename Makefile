@@ -6,14 +6,16 @@ JOB ?= jobs/tiny-cpu.yaml
 ACCELERATE_CONFIG ?= accelerate_configs/cpu.yaml
 ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 # The stamp is refreshed whenever pyproject.toml changes, so set-up is a no-op when nothing changed.
 STAMP := $(VENV)/.lfqa-installed
 
-.PHONY: setup train test lint clean help
+.PHONY: setup train test bench lint clean help
 
 help:
 	@echo "make train    set up, then train $(JOB) with accelerate ($(ACCELERATE_CONFIG)); ARGS='key=value ...'"
 	@echo "make test     set up, then run the whole test suite"
+	@echo "make bench    set up, then run the throughput benchmark (benchmarks/run.py); BENCH_ARGS='...'"
 	@echo "make lint     ruff"
 	@echo "make clean    remove the virtual environment, caches and runs"
 
@@ -32,6 +34,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check lfqa tests

@@ -5,6 +5,9 @@
     lfqa answer --model runs/tiny-cpu/model --question "..." --document paper.pdf
     lfqa data-report [--job JOB] [--data FILE ...]
     lfqa plot runs/tiny-cpu
+    lfqa checkpoints list runs/tiny-cpu | s3://bucket/run
+    lfqa export runs/tiny-cpu/checkpoints/step-100 --out exported-model
+    lfqa plan jobs/led-base-lfqa.yaml --gpus 8 --gpu-memory 80
     lfqa check-job jobs/led-base-lfqa.yaml [key=value ...]
     lfqa build-tiny --out /tmp/tiny-led
 """
@@ -24,6 +27,9 @@ DELEGATED = {
     "answer": ("lfqa.answer", "answer a question about a text, Markdown or PDF document"),
     "data-report": ("lfqa.data_report", "row counts and length histograms of a job's data"),
     "plot": ("lfqa.plot", "draw a run's training and evaluation curves to a PNG"),
+    "checkpoints": ("lfqa.checkpoints_cli", "list, pull or prune a run's checkpoints, local or on S3"),
+    "export": ("lfqa.export", "turn a (sharded ZeRO) checkpoint into a model folder loadable with from_pretrained"),
+    "plan": ("lfqa.plan", "estimate per-GPU memory of a job per ZeRO stage and say which config fits"),
 }
 
 

@@ -128,6 +128,10 @@ class DataConfig:
     """Global attention on every question token, or on the first token only (the seed's choice)."""
     batch_size: int = 2
     """Examples per batch on each process (the micro batch)."""
+    max_tokens_per_batch: int | None = None
+    """Token budget: fill each batch with examples until (longest padded input + longest answer) x examples
+    would pass this many tokens, instead of a fixed ``batch_size`` (which then is the most examples per batch).
+    null: fixed batch_size."""
     group_by_length: bool = True
     """Batch examples of similar input and answer lengths together (less padding)."""
     length_group_size: int = 64
@@ -145,6 +149,8 @@ class DataConfig:
         _check(self.max_answer_tokens > 0, "data.max_answer_tokens", "must be > 0")
         _check(self.max_input_tokens > 0, "data.max_input_tokens", "must be > 0")
         _check(self.batch_size > 0, "data.batch_size", "must be > 0")
+        _check(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0, "data.max_tokens_per_batch",
+               "must be > 0 or null")
         _check(self.length_group_size > 0, "data.length_group_size", "must be > 0")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
@@ -237,22 +243,89 @@ class OutputConfig:
     """Where a run writes its files."""
 
     dir: str = "runs/default"
-    """Run folder: metrics.jsonl, eval reports, and model/ (the final model, tokenizer and job.yaml)."""
+    """Local run folder: metrics.jsonl, eval reports, checkpoints/ and model/ (the final model, tokenizer and
+    job.yaml). Checkpoints are always written here first."""
+    uri: str | None = None
+    """Remote copy of the run: ``s3://bucket/prefix`` (AWS or any S3-compatible store). Checkpoints, the final
+    model and the run's reports are uploaded there in the background; ``resume: auto`` also looks there.
+    Credentials come from the usual AWS environment variables, profile or instance role, never from this file."""
+    s3_endpoint_url: str | None = None
+    """Endpoint of an S3-compatible store (MinIO, SeaweedFS, Ceph...); null: AWS, or ``AWS_ENDPOINT_URL``."""
+    s3_region: str | None = None
+    """Region of the bucket; null: ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / the profile's."""
     overwrite: bool = True
     """Replace a finished model in ``dir``; false makes a run fail if ``dir/model`` exists."""
 
     def __post_init__(self) -> None:
         _check(bool(self.dir.strip()), "output.dir", "must not be empty")
+        _check(self.dir.strip().find("://") < 0, "output.dir",
+               "must be a local folder; put s3:// URIs in output.uri")
+        _check(self.uri is None or self.uri.startswith("s3://") and len(self.uri) > len("s3://"), "output.uri",
+               f"must be s3://bucket[/prefix] or null, got {self.uri!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints through accelerate's ``save_state`` (sharded under ZeRO), retention and resume."""
+
+    every_steps: int = 0
+    """Checkpoint every N optimizer steps (0: not by steps)."""
+    every_minutes: float = 0.0
+    """Checkpoint when M minutes passed since the last one (0: not by time). Both may be set."""
+    keep_last: int = 2
+    """Keep the newest K complete checkpoints (>= 1); older ones are deleted locally and remotely."""
+    keep_best: int = 1
+    """Also keep the K best by ``best_metric`` (a checkpoint taken right after an evaluation has one); 0: none."""
+    best_metric: str = "eval/loss"
+    """A metric of the evaluation, e.g. eval/loss or eval/rougeL."""
+    best_mode: Literal["min", "max"] = "min"
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint (local folder or output.uri) if there is one;
+    never: always start fresh; or a checkpoint folder path or s3:// URI to start from."""
+    preemption_grace_seconds: float = 25.0
+    """On SIGTERM: finish the step, checkpoint, and wait at most this long for the upload before exiting
+    (Kubernetes kills the pod terminationGracePeriodSeconds after SIGTERM: keep this below that)."""
+    upload_workers: int = 8
+    """Parallel multipart transfers per file (boto3's transfer manager)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+        _check(self.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (resume needs the newest one)")
+        _check(self.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
+        _check(bool(self.best_metric.strip()), "checkpoint.best_metric", "must not be empty")
+        _check(bool(self.resume.strip()), "checkpoint.resume", "must be auto, never, a path or an s3:// URI")
+        _check(self.preemption_grace_seconds >= 0, "checkpoint.preemption_grace_seconds", "must be >= 0")
+        _check(self.upload_workers > 0, "checkpoint.upload_workers", "must be > 0")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases. The API key comes from ``WANDB_API_KEY`` or ``wandb login``, never from this file."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto: online when an API key is configured, offline otherwise (sync later with ``wandb sync``)."""
+    project: str = "lfqa"
+    """Overridden by ``WANDB_PROJECT``."""
+    entity: str | None = None
+    """Team or user; null: ``WANDB_ENTITY`` or the key's default."""
+    run_name: str | None = None
+    """null: ``WANDB_NAME`` or the run folder's name."""
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.project.strip()), "tracking.wandb.project", "must not be empty")
 
 
 @dataclass
 class TrackingConfig:
-    """Metrics logging."""
+    """Metrics logging: console, metrics.jsonl in the run folder (always) and Weights & Biases."""
 
     log_every_steps: int = 10
     """A log line (and a metrics.jsonl record) every N optimizer steps."""
     progress_bar: bool = True
     """A tqdm bar with loss, learning rate and samples/s on the main process."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
         _check(self.log_every_steps > 0, "tracking.log_every_steps", "must be > 0")
@@ -267,6 +340,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
