@@ -43,9 +43,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def lfqa_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+def lfqa_env(wandb_mode: str = "disabled", wandb_dir: Path | None = None) -> dict:
+    """Environment for a training subprocess: offline hub, no stray WANDB_* settings.
+
+    W&B is disabled unless a test asks for it (its service costs seconds per run); then wandb's caches go to
+    ``wandb_dir`` and its server URL is a dead loopback port, so nothing can go online.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", WANDB_MODE=wandb_mode)
     env.pop("WORLD_SIZE", None)
+    if wandb_dir is not None:
+        for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+            env[name] = str(wandb_dir / name.lower())
+        env.update(WANDB_BASE_URL="http://127.0.0.1:9", WANDB_ERROR_REPORTING="false", NETRC=str(wandb_dir / "netrc"))
     return env
 
 
@@ -66,6 +76,13 @@ def trained(tmp_path_factory):
            f"output.dir={run_dir}", "train.epochs=12", "tracking.progress_bar=false",
            # 49 rows in batches of 24: rank 0 evaluates 2 batches, rank 1 one; evaluation must not hang.
            "data.max_eval_samples=49", "eval.batch_size=24", *cache_overrides(tmp)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=lfqa_env(), capture_output=True, text=True, timeout=900)
+    # W&B as `make train` runs it with no API key: offline, files in the run folder.
+    env = lfqa_env(wandb_mode="offline", wandb_dir=tmp / "wandb-home")
+    env["AWS_SECRET_ACCESS_KEY"] = "fake-secret-key-for-tests"  # must not reach any log (test_wandb_run)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return tmp, run_dir, proc.stdout + proc.stderr
+
+
+# S3 on loopback (moto server, fault-injecting proxy): fixtures for any test file; helpers via `from s3_server import`.
+from s3_server import fault_proxy, moto_server, s3_bucket, s3_env  # noqa: E402, F401

@@ -1,0 +1,384 @@
+"""The storage layer against a real S3 server on loopback (moto), with faults injected by a proxy in front of it.
+
+    pytest tests/test_storage.py
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+from s3_server import FaultProxy, free_port
+
+import lfqa.storage
+from lfqa.storage import (
+    BackgroundUploader,
+    LocalStore,
+    MiB,
+    S3Store,
+    StorageError,
+    open_store,
+    parse_s3_uri,
+    stage_s3_uri,
+)
+
+MARKER = "COMPLETE"
+
+
+def make_tree(root: Path, seed: int = 0, big: int = 0) -> dict[str, bytes]:
+    """A checkpoint-like folder: nested files, an empty one, optionally a big one, and the marker."""
+    rng = random.Random(seed)
+    files = {"config.json": b'{"step": %d}' % seed, "empty.txt": b"", "sub/optimizer.bin": rng.randbytes(70_000),
+             "sub/deeper/rng_state.pt": rng.randbytes(1000), MARKER: b"done"}
+    if big:
+        files["model.safetensors"] = rng.randbytes(big)
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def assert_clean_message(exc: StorageError, *must_contain: str, secrets: tuple[str, ...] = ()) -> str:
+    message = str(exc)
+    assert "\n" not in message, message
+    for text in must_contain:
+        assert text in message, (text, message)
+    for secret in secrets:
+        assert secret not in message, message
+    return message
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("s3://bucket", ("bucket", "")),
+    ("s3://bucket/", ("bucket", "")),
+    ("s3://my.bucket-1/runs/a/", ("my.bucket-1", "runs/a")),
+])
+def test_parse_s3_uri(uri, expected):
+    assert parse_s3_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["bucket/x", "s3:/bucket", "s3://", "s3:///x", "s3://b c/x", "s3://bucket/a//b",
+                                 "s3://bucket/../x", "http://bucket/x", "s3://ab"])
+def test_parse_s3_uri_rejects(uri):
+    with pytest.raises(StorageError, match="URI|bucket"):
+        parse_s3_uri(uri)
+
+
+def test_open_store(s3_env, tmp_path):
+    assert isinstance(open_store("s3://bucket/run"), S3Store)
+    assert isinstance(open_store(tmp_path / "store"), LocalStore)
+    with pytest.raises(StorageError, match="gs://"):
+        open_store("gs://bucket/run")
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    bucket = request.getfixturevalue("s3_bucket")
+    return S3Store(f"s3://{bucket}/runs/x", endpoint_url=request.getfixturevalue("moto_server").endpoint)
+
+
+def test_store_round_trip(store, tmp_path):
+    files = make_tree(tmp_path / "src")
+    store.check()
+    assert store.upload_dir(tmp_path / "src", "checkpoints/step-00000010", marker=MARKER) == sum(map(len,
+                                                                                                     files.values()))
+    for name in ("step-00000020", "step-1", "step-10"):
+        store.upload_dir(tmp_path / "src", f"checkpoints/{name}", marker=MARKER)
+    assert store.list_subdirs("checkpoints") == ["step-00000010", "step-00000020", "step-1", "step-10"]
+    assert store.list_subdirs() == ["checkpoints"]
+    assert store.list_subdirs("nothing-here") == []
+    assert store.list_files("checkpoints/step-00000010") == sorted(files)
+    assert store.exists(f"checkpoints/step-00000010/{MARKER}")
+    assert not store.exists("checkpoints/step-00000010")  # a folder is not an object
+    assert not store.exists("checkpoints/step-00000030/COMPLETE")
+
+    store.write_text("latest.txt", "step-00000020\n")
+    assert store.read_text("latest.txt") == "step-00000020\n"
+    with pytest.raises(FileNotFoundError):
+        store.read_text("missing.txt")
+
+    assert store.download_dir("checkpoints/step-00000010", tmp_path / "back") > 0
+    assert read_tree(tmp_path / "back") == files
+    store.upload_file(tmp_path / "src" / "config.json", "model/config.json")
+    store.download_file("model/config.json", tmp_path / "one" / "config.json")
+    assert (tmp_path / "one" / "config.json").read_bytes() == files["config.json"]
+    with pytest.raises(FileNotFoundError):
+        store.download_file("model/nope.json", tmp_path / "one" / "nope.json")
+    with pytest.raises(FileNotFoundError):
+        store.download_dir("checkpoints/step-99", tmp_path / "none")
+
+    # "step-1" must not take "step-10" with it.
+    assert store.delete_prefix("checkpoints/step-1", marker=MARKER) == len(files)
+    assert store.list_subdirs("checkpoints") == ["step-00000010", "step-00000020", "step-10"]
+    assert store.list_files("checkpoints/step-10") == sorted(files)
+    assert store.delete_prefix("checkpoints/step-1") == 0
+
+    # A node's share of a multi-node checkpoint: everything but the marker (the main process writes it later).
+    store.upload_dir(tmp_path / "src", "checkpoints/step-00000030", exclude=(MARKER, "sub/deeper/rng_state.pt"))
+    assert store.list_files("checkpoints/step-00000030") == sorted(set(files) - {MARKER, "sub/deeper/rng_state.pt"})
+    with pytest.raises(StorageError, match="whole store"):
+        store.delete_prefix("")
+
+
+def test_multipart_upload_and_marker_last(s3_bucket, moto_server, fault_proxy, tmp_path):
+    files = make_tree(tmp_path / "src", big=11 * MiB)
+    store = S3Store(f"s3://{s3_bucket}/run", endpoint_url=fault_proxy.endpoint, workers=4,
+                    multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    store.upload_dir(tmp_path / "src", "ckpt/step-5", marker=MARKER)
+
+    etag = moto_server.client().head_object(Bucket=s3_bucket, Key="run/ckpt/step-5/model.safetensors")["ETag"]
+    assert etag.strip('"').endswith("-3"), etag  # 11 MiB in 5 MiB parts: a real multipart upload
+    records = fault_proxy.forwarded()
+    # An object becomes visible on its PUT, or for multipart on CompleteMultipartUpload (POST ?uploadId=...).
+    writes = [i for i, r in enumerate(records) if (r.method == "PUT" and "uploadId" not in r.query)
+              or (r.method == "POST" and "uploadId=" in r.query)]
+    assert len(writes) == len(files)
+    assert records[writes[-1]].path.endswith(f"/ckpt/step-5/{MARKER}")
+    assert all(not records[i].path.endswith(MARKER) for i in writes[:-1])
+    parts = [i for i, r in enumerate(records) if "partNumber=" in r.query]
+    assert len(parts) == 3 and max(parts) < writes[-1]
+    old_marker_delete = [i for i, r in enumerate(records) if r.method == "DELETE" and r.path.endswith(MARKER)]
+    assert old_marker_delete and old_marker_delete[0] < writes[0]
+
+    assert store.download_dir("ckpt/step-5", tmp_path / "back") == sum(map(len, files.values()))
+    assert read_tree(tmp_path / "back") == files
+
+
+def test_failed_upload_leaves_no_marker(s3_bucket, moto_server, fault_proxy, tmp_path):
+    make_tree(tmp_path / "src")
+    direct = S3Store(f"s3://{s3_bucket}/run", endpoint_url=moto_server.endpoint)
+    store = S3Store(f"s3://{s3_bucket}/run", endpoint_url=fault_proxy.endpoint, max_attempts=2)
+    store.upload_dir(tmp_path / "src", "ckpt/step-7", marker=MARKER)
+    assert direct.exists(f"ckpt/step-7/{MARKER}")
+
+    # Re-upload over it: the old marker goes, one file gets through, then every connection is reset.
+    fault_proxy.fail_after(2, "reset")
+    seen = len(fault_proxy.records)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        store.upload_dir(tmp_path / "src", "ckpt/step-7", marker=MARKER)
+    assert time.monotonic() - started < 15
+    assert_clean_message(err.value, f"s3://{s3_bucket}/run/ckpt/step-7", "marker not written")
+    assert not direct.exists(f"ckpt/step-7/{MARKER}")
+    attempts = fault_proxy.records[seen:]
+    assert attempts[0].method == "DELETE" and attempts[0].path.endswith(MARKER) and attempts[0].outcome == "204"
+    assert not [r for r in attempts if r.method == "PUT" and r.path.endswith(MARKER)]  # never even tried
+
+    fault_proxy.heal()
+    store.upload_dir(tmp_path / "src", "ckpt/step-7", marker=MARKER)
+    assert direct.exists(f"ckpt/step-7/{MARKER}")
+
+
+def test_uploads_survive_injected_faults(s3_bucket, moto_server, fault_proxy, tmp_path):
+    """20% of requests get a 500, a 503 or a reset connection: retries make every upload and download whole."""
+    fault_proxy.configure(fault_rate=0.2, seed=1234, faults=("500", "503", "reset"))
+    store = S3Store(f"s3://{s3_bucket}/run", endpoint_url=fault_proxy.endpoint, workers=4,
+                    multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    trees = {}
+    for i in range(3):
+        src = tmp_path / f"src{i}"
+        trees[i] = make_tree(src, seed=i, big=6 * MiB if i == 0 else 0)
+        for j in range(6):
+            (src / f"shards/rank{j}.bin").parent.mkdir(exist_ok=True)
+            trees[i][f"shards/rank{j}.bin"] = random.Random(100 * i + j).randbytes(20_000)
+            (src / f"shards/rank{j}.bin").write_bytes(trees[i][f"shards/rank{j}.bin"])
+        store.upload_dir(src, f"ckpt/step-{i}", marker=MARKER)
+
+    direct = S3Store(f"s3://{s3_bucket}/run", endpoint_url=moto_server.endpoint)
+    assert direct.list_subdirs("ckpt") == ["step-0", "step-1", "step-2"]
+    for i, files in trees.items():
+        assert direct.exists(f"ckpt/step-{i}/{MARKER}")
+        direct.download_dir(f"ckpt/step-{i}", tmp_path / f"direct{i}")
+        assert read_tree(tmp_path / f"direct{i}") == files
+        store.download_dir(f"ckpt/step-{i}", tmp_path / f"faulty{i}")  # downloads through the faults too
+        assert read_tree(tmp_path / f"faulty{i}") == files
+    assert not moto_server.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+    kinds = {r.outcome for r in fault_proxy.injected()}
+    assert {"fault:500", "fault:503", "reset"} <= kinds, kinds
+
+
+# ---------------------------------------------------------------------------------------------------------- check()
+
+
+def test_check_missing_bucket(s3_env, moto_server):
+    started = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        S3Store("s3://lfqa-no-such-bucket/run", endpoint_url=moto_server.endpoint).check()
+    assert time.monotonic() - started < 5
+    assert_clean_message(err.value, "s3://lfqa-no-such-bucket/run", "does not exist",
+                         secrets=(s3_env["AWS_SECRET_ACCESS_KEY"], s3_env["AWS_ACCESS_KEY_ID"]))
+
+
+def test_check_no_credentials(s3_env, s3_bucket, moto_server, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")  # profile files point to /dev/null and IMDS is off (s3_env)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        S3Store(f"s3://{s3_bucket}/run", endpoint_url=moto_server.endpoint).check()
+    assert time.monotonic() - started < 5
+    assert_clean_message(err.value, s3_bucket, "no usable AWS credentials")
+
+
+def test_check_unreachable_endpoint(s3_env):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        S3Store("s3://some-bucket/run", endpoint_url=endpoint).check()
+    assert time.monotonic() - started < 5
+    assert_clean_message(err.value, "s3://some-bucket/run", f"cannot connect to endpoint {endpoint}",
+                         secrets=(s3_env["AWS_SECRET_ACCESS_KEY"],))
+
+
+def test_check_bad_and_read_only_credentials(s3_env, s3_bucket, moto_server, monkeypatch):
+    """moto accepts any key unless IAM authentication is switched on; with it on, it checks signatures and
+    policies like S3 does. Keys come from moto's IAM (created while authentication is still off)."""
+    key_id, secret = moto_server.make_access_key(["s3:*"])
+    ro_key_id, ro_secret = moto_server.make_access_key(["s3:GetObject", "s3:ListBucket"])
+    cases = [
+        ("AKIAFAKEFAKEFAKE1234", "not-a-real/secret+value1234", "InvalidAccessKeyId"),
+        (key_id, "wrong/secret+value-for-a-real-key", "SignatureDoesNotMatch"),
+        (ro_key_id, ro_secret, "cannot write and delete"),
+    ]
+    with moto_server.iam_auth():
+        for access_key, secret_key, expected in cases:
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
+            started = time.monotonic()
+            with pytest.raises(StorageError) as err:
+                S3Store(f"s3://{s3_bucket}/run", endpoint_url=moto_server.endpoint).check()
+            assert time.monotonic() - started < 5
+            assert_clean_message(err.value, f"s3://{s3_bucket}/run", expected, secrets=(access_key, secret_key))
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        S3Store(f"s3://{s3_bucket}/run", endpoint_url=moto_server.endpoint).check()  # a good key passes
+
+
+# ---------------------------------------------------------------------------------------------------------- uploader
+
+
+class SlowStore(LocalStore):
+    """A LocalStore whose uploads take ``delay`` seconds and fail for the names in ``fail``."""
+
+    def __init__(self, root: Path, delay: float, fail: tuple[str, ...] = ()):
+        super().__init__(root)
+        self.delay, self.fail, self.spans = delay, fail, []
+
+    def upload_dir(self, local_dir, remote_subpath, marker=None, exclude=()):
+        started = time.monotonic()
+        time.sleep(self.delay)
+        if remote_subpath in self.fail:
+            raise StorageError(f"upload to {self.url(remote_subpath)} failed: injected")
+        total = super().upload_dir(local_dir, remote_subpath, marker, exclude=exclude)
+        self.spans.append((remote_subpath, started, time.monotonic()))
+        return total
+
+
+def test_background_uploader_keeps_order_and_reports_failures(tmp_path):
+    make_tree(tmp_path / "src")
+    store = SlowStore(tmp_path / "store", delay=0.4, fail=("ckpt/bad",))
+    done = []
+    uploader = BackgroundUploader(store, on_done=lambda sub, ok: done.append((sub, ok)))
+    assert uploader.submit(tmp_path / "src", "ckpt/a", MARKER) < 0.1  # the training step does not wait
+    assert uploader.busy
+    waited = uploader.submit(tmp_path / "src", "ckpt/b", MARKER)  # waits for "a" to finish first
+    assert waited > 0.2
+    assert uploader.wait(timeout=0.01) is False  # "b" is still running
+    assert uploader.wait(timeout=10) is True and not uploader.busy
+    (a, _, a_end), (b, b_start, _) = store.spans
+    assert (a, b) == ("ckpt/a", "ckpt/b") and b_start >= a_end
+    assert done == [("ckpt/a", True), ("ckpt/b", True)]
+    assert store.exists(f"ckpt/b/{MARKER}")
+
+    uploader.submit(tmp_path / "src", "ckpt/bad", MARKER)
+    uploader.submit(tmp_path / "src", "ckpt/c", MARKER)  # a failure does not stop the next upload
+    uploader.submit(tmp_path / "src", "ckpt/d", exclude=(MARKER,))
+    assert uploader.close(timeout=10)
+    assert done[2:] == [("ckpt/bad", False), ("ckpt/c", True), ("ckpt/d", True)]
+    assert len(uploader.errors) == 1 and "ckpt/bad" in uploader.errors[0]
+    assert not store.exists(f"ckpt/bad/{MARKER}") and store.exists(f"ckpt/c/{MARKER}")
+    assert store.exists("ckpt/d/config.json") and not store.exists(f"ckpt/d/{MARKER}")
+    with pytest.raises(RuntimeError, match="closed"):
+        uploader.submit(tmp_path / "src", "ckpt/e", MARKER)
+
+
+def test_background_uploader_on_s3(s3_bucket, moto_server, fault_proxy, tmp_path):
+    make_tree(tmp_path / "src")
+    store = S3Store(f"s3://{s3_bucket}/run", endpoint_url=fault_proxy.endpoint, max_attempts=2)
+    results = []
+
+    def retention(sub, ok):
+        results.append((sub, ok))
+        if sub == "ckpt/2":
+            raise RuntimeError("retention broke")
+
+    uploader = BackgroundUploader(store, on_done=retention)
+    uploader.submit(tmp_path / "src", "ckpt/1", MARKER)
+    assert uploader.wait(timeout=30)
+    fault_proxy.fail_after(0, "500")
+    uploader.submit(tmp_path / "src", "ckpt/2", MARKER)
+    assert uploader.wait(timeout=30)
+    assert results == [("ckpt/1", True), ("ckpt/2", False)]
+    assert len(uploader.errors) == 2
+    assert f"s3://{s3_bucket}/run/ckpt/2" in uploader.errors[0] and "retention broke" in uploader.errors[1]
+    fault_proxy.heal()
+    assert store.exists(f"ckpt/1/{MARKER}") and not store.exists(f"ckpt/2/{MARKER}")
+    assert uploader.close(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------------------- staging
+
+
+def test_stage_s3_folder_and_file(s3_bucket, moto_server, fault_proxy, tmp_path, monkeypatch):
+    files = make_tree(tmp_path / "model")
+    remote = S3Store(f"s3://{s3_bucket}", endpoint_url=moto_server.endpoint)
+    remote.upload_dir(tmp_path / "model", "models/tiny")
+    remote.write_text("data/train.jsonl", '{"question": "q"}\n')
+    cache = tmp_path / "cache"
+
+    def stage(uri):
+        return stage_s3_uri(uri, cache, endpoint_url=fault_proxy.endpoint)
+
+    folder = stage(f"s3://{s3_bucket}/models/tiny")
+    assert folder.is_dir() and folder.name == "tiny" and read_tree(folder) == files
+    data = stage(f"s3://{s3_bucket}/data/train.jsonl")
+    assert data.name == "train.jsonl" and data.read_text() == '{"question": "q"}\n'
+    assert stage(f"s3://{s3_bucket}/models/tiny/").is_dir()  # a trailing "/" says folder
+
+    # Reused: the second call only lists and HEADs, it downloads nothing.
+    seen = len(fault_proxy.records)
+    assert stage(f"s3://{s3_bucket}/models/tiny") == folder
+    assert stage(f"s3://{s3_bucket}/data/train.jsonl") == data
+    assert not [r for r in fault_proxy.records[seen:] if r.method == "GET" and r.path.startswith(f"/{s3_bucket}/")]
+
+    remote.write_text("data/train.jsonl", '{"question": "changed"}\n')  # a changed object is staged again
+    assert stage(f"s3://{s3_bucket}/data/train.jsonl").read_text() == '{"question": "changed"}\n'
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+    def unreachable(*args):
+        raise StorageError("cannot connect to endpoint")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lfqa.storage, "_remote_listing", unreachable)
+        assert stage(f"s3://{s3_bucket}/models/tiny") == folder  # offline: the complete copy is used
+    with pytest.raises(StorageError, match="nothing to stage"):
+        stage_s3_uri(f"s3://{s3_bucket}/models/none", cache, endpoint_url=moto_server.endpoint)
+
+
+def test_fault_proxy_is_reusable_standalone(moto_server, s3_env, tmp_path):
+    """Other test files build their own proxy: healthy by default, stops cleanly."""
+    bucket = moto_server.make_bucket()
+    with FaultProxy(moto_server.endpoint, fault_rate=1.0, seed=3, faults=("503",)) as proxy:
+        store = S3Store(f"s3://{bucket}/run", endpoint_url=proxy.endpoint, max_attempts=2)
+        with pytest.raises(StorageError, match="ServiceUnavailable"):
+            store.write_text("x.txt", "x")
+        proxy.heal()
+        store.write_text("x.txt", "x")
+        assert store.read_text("x.txt") == "x"
