@@ -82,9 +82,24 @@ def build_tiny_model(tiny: TinyModelConfig, out_dir: str | Path) -> Path:
         torch.manual_seed(tiny.seed)
         model = LEDForConditionalGeneration(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    _save_on_any_rank(model, out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _save_on_any_rank(model, out_dir: Path) -> None:
+    """``save_pretrained`` without its distributed gate.
+
+    Once torch.distributed is up, transformers writes model files on global rank 0 only; on a second machine the
+    tiny model is built by that machine's first process (its own disk), which must write them too. The same
+    files: config, generation config, and the weights as safetensors without the tied copies.
+    """
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(out_dir)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out_dir)
+    save_model(model, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
 def tiny_model_dir(model_cfg: ModelConfig) -> Path:
@@ -116,10 +131,23 @@ def ensure_tiny_model(model_cfg: ModelConfig) -> Path:
     return target
 
 
-def resolve_model_path(model_cfg: ModelConfig) -> str:
-    """What to pass to ``from_pretrained``: a hub id or a local folder."""
+def resolve_model_path(model_cfg: ModelConfig, s3_endpoint_url: str | None = None,
+                       s3_region: str | None = None) -> str:
+    """What to pass to ``from_pretrained``: a hub id or a local folder.
+
+    ``s3://bucket/prefix`` (clusters without hub access stage weights in a bucket) is downloaded once into
+    ``model.cache_dir`` and reused by later runs.
+    """
     if model_cfg.name_or_path == TINY_MODEL_NAME:
         return str(ensure_tiny_model(model_cfg))
+    if model_cfg.name_or_path.startswith("s3://"):
+        from lfqa.storage import StorageError, stage_s3_uri
+
+        try:
+            return str(stage_s3_uri(model_cfg.name_or_path, Path(model_cfg.cache_dir) / "s3",
+                                    endpoint_url=s3_endpoint_url, region=s3_region))
+        except StorageError as err:
+            raise ModelLoadError(f"model.name_or_path: {err}") from None
     return model_cfg.name_or_path
 
 

@@ -146,8 +146,8 @@ def run(job: JobConfig) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    from lfqa.checkpoint import CheckpointManager
     from lfqa.data import LengthGroupedBatchSampler, Seq2SeqCollator
-    from lfqa.evaluation import evaluate
     from lfqa.modeling import (
         attention_window,
         enable_gradient_checkpointing,
@@ -155,11 +155,22 @@ def run(job: JobConfig) -> dict:
         load_tokenizer,
         resolve_model_path,
     )
-    from lfqa.tracking import ConsoleTracker, JsonlTracker, NullTracker, Trackers
+    from lfqa.tracking import (
+        ConsoleTracker,
+        JsonlTracker,
+        NullTracker,
+        Trackers,
+        make_wandb_tracker,
+        resolve_wandb_mode,
+    )
 
     run_dir = Path(job.output.dir)
     if (run_dir / "model").exists() and not job.output.overwrite:  # every rank stops, before any collective
         raise ConfigError(f"output.dir: {run_dir}/model exists and output.overwrite is false")
+    try:
+        resolve_wandb_mode(job.tracking.wandb.mode)
+    except ValueError as err:
+        raise ConfigError(f"tracking.wandb.mode: {err}") from None
     accelerator = make_accelerator(job)
     is_main = accelerator.is_main_process
 
@@ -169,13 +180,16 @@ def run(job: JobConfig) -> dict:
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     log(f"lfqa: {accelerator.num_processes} process(es) ({accelerator.distributed_type}), device {accelerator.device}, "
-        f"precision {job.train.precision}, run folder {run_dir}")
+        f"precision {job.train.precision}, run folder {run_dir}"
+        + (f", remote copy {job.output.uri}" if job.output.uri else ""))
+    remote = open_remote(job, accelerator)
+    if remote is not None:
+        log(f"storage: {remote.url()} is reachable and writable")
 
     set_seed(job.train.seed)
     with accelerator.local_main_process_first():
-        model_path = resolve_model_path(job.model)
+        model_path = resolve_model_path(job.model, job.output.s3_endpoint_url, job.output.s3_region)
     tokenizer = load_tokenizer(model_path, job.model.revision)
     model = load_model(model_path, job.model.revision)
     # ds_numel: under ZeRO-3 from_pretrained already partitions the weights across ranks.
@@ -193,7 +207,10 @@ def run(job: JobConfig) -> dict:
         window=window, group_size=job.data.length_group_size, group_by_length=job.data.group_by_length,
         seed=job.train.seed,
     )
-    loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=_collate_with_row_ids(collator))
+    # Its own generator: starting an iterator draws a seed from it, which would otherwise come from the global
+    # RNG and shift dropout after a resume (the checkpoint restores the global RNG before the epoch restarts).
+    loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=_collate_with_row_ids(collator),
+                        generator=torch.Generator().manual_seed(job.train.seed))
 
     no_decay = ("bias", "layer_norm", "layernorm", "LayerNorm")
     groups = [
@@ -231,13 +248,46 @@ def run(job: JobConfig) -> dict:
     log(f"train: {len(data.train)} rows, {len(loader)} batches of {job.data.batch_size} per process, "
         f"{total_steps} optimizer steps ({epochs} epoch(s), gradient accumulation {accum})")
 
-    tracker = (Trackers(ConsoleTracker(prefixes=("train/",)), JsonlTracker(run_dir / "metrics.jsonl")) if is_main
-               else NullTracker())
+    checkpoints = CheckpointManager(accelerator, job, run_dir, remote=remote, log=log)
+    resumed_from, state = checkpoints.resume()
+    metrics_file = run_dir / "metrics.jsonl"
+    if is_main:
+        if resumed_from is not None and (resumed_from / "metrics.jsonl").exists():
+            # The curve up to the checkpoint; anything logged after it by the stopped run is replayed now.
+            shutil.copyfile(resumed_from / "metrics.jsonl", metrics_file)
+        else:
+            metrics_file.unlink(missing_ok=True)
+    tracker = NullTracker()
+    if is_main:
+        # metrics.jsonl always; W&B online with an API key, offline without (see tracking.wandb).
+        resume_id = (state or {}).get("tracking_run_id")
+        tracker = Trackers(ConsoleTracker(prefixes=("train/",)), JsonlTracker(metrics_file),
+                           make_wandb_tracker(job.tracking.wandb, run_dir, job_to_dict(job), resume_id))
+    try:
+        return _train_loop(job, accelerator, log, run_dir, remote, tokenizer, model, n_params, data, collator,
+                           sampler, loader, optimizer, scheduler, total_steps, epochs, checkpoints, resumed_from,
+                           state, metrics_file, tracker)
+    finally:
+        tracker.close()  # also when training fails: ends W&B's background service
+
+
+def _train_loop(job, accelerator, log, run_dir, remote, tokenizer, model, n_params, data, collator, sampler, loader,
+                optimizer, scheduler, total_steps, epochs, checkpoints, resumed_from, state, metrics_file,
+                tracker) -> dict:
+    """The optimisation loop with evaluation, checkpoints and preemption; then the final model."""
+    from tqdm.auto import tqdm
+
+    from lfqa.checkpoint import StopSignal
+    from lfqa.evaluation import evaluate
+    from lfqa.tracking import model_flops_utilization, peak_memory_gb
+
+    is_main = accelerator.is_main_process
 
     def run_eval(step: int, label: str) -> dict:
         result = evaluate(model, tokenizer, data.validation, data.val_questions, data.val_references,
                           job.eval, accelerator, collator)
         tracker.log(result.metrics(), step)
+        tracker.log_samples(result.samples, step)
         if is_main:
             log(f"{label}: eval loss {result.loss:.4f} | " +
                 " | ".join(f"{k} {v:.4f}" for k, v in result.rouge.items()))
@@ -247,11 +297,18 @@ def run(job: JobConfig) -> dict:
             (run_dir / f"eval-step{step}.json").write_text(json.dumps(
                 {"step": step, "loss": result.loss, "rouge": result.rouge, "samples": result.samples}, indent=1))
         return {"step": step, "loss": result.loss, "rouge": result.rouge,
-                "sample": result.samples[0] if result.samples else None}
+                "sample": result.samples[0] if result.samples else None, "metrics": result.metrics()}
 
     summary: dict = {"job": job_to_dict(job), "data": data.reports, "num_processes": accelerator.num_processes,
                      "distributed_type": str(accelerator.distributed_type)}
-    if job.eval.at_start:
+    step, start_epoch, skip_batches = 0, 0, 0
+    if state is not None:
+        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
+        if skip_batches >= len(loader):
+            start_epoch, skip_batches = start_epoch + 1, 0
+        summary["resumed_from"] = {"checkpoint": str(resumed_from), "step": step}
+        log(f"resumed at step {step} (epoch {start_epoch + 1}, batch {skip_batches} of {len(loader)})")
+    elif job.eval.at_start:
         summary["eval_start"] = run_eval(0, "untrained model")
 
     # Which rows (by row_id, their place in the data file) this rank trained on in epoch 0.
@@ -259,13 +316,50 @@ def run(job: JobConfig) -> dict:
     # Sums since the last log line, kept on the device so that the step never waits for a .item():
     # loss, micro-batches, rows, real input tokens, padded input tokens, real answer tokens, padded answer tokens.
     sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
-    progress = tqdm(total=total_steps, desc="train", disable=not (is_main and job.tracking.progress_bar),
+    if state is not None and is_main:
+        # The checkpoint holds the sums of all ranks; on one rank they add up to the same reduced total.
+        sums += torch.tensor(state["log_sums"], dtype=torch.float64, device=accelerator.device)
+    train_seconds = float(state["train_seconds"]) if state is not None else 0.0
+    last_eval: dict = {}
+    stop = StopSignal(accelerator, job.checkpoint.every_minutes)
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not (is_main and job.tracking.progress_bar),
                     dynamic_ncols=True)
+
+    def save_checkpoint(epoch: int, batches_in_epoch: int) -> None:
+        stop.drain()
+        totals = accelerator.reduce(sums.clone(), reduction="sum").cpu().tolist()
+        loop_state = {
+            "step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "seed": job.train.seed,
+            "num_processes": accelerator.num_processes, "log_sums": totals,
+            "train_seconds": train_seconds + time.perf_counter() - segment_start,
+            "metrics": last_eval["metrics"] if last_eval.get("step") == step else {}, "time": time.time(),
+            "tracking_run_id": getattr(tracker, "run_id", None),
+        }
+        checkpoints.save(step, loop_state, tokenizer, model, extra_files={"metrics.jsonl": metrics_file})
+        stop.checkpointed()
+        saved_steps.append(step)
+
+    saved_steps: list[int] = [step] if state is not None else []
+    checkpointing = bool(job.checkpoint.every_steps or job.checkpoint.every_minutes)
+    epoch, batch_index = start_epoch, skip_batches
+
     model.train()
-    step, last_log, start = 0, time.perf_counter(), time.perf_counter()
-    for epoch in range(epochs):
+    preempted = False
+    last_log = segment_start = time.perf_counter()
+    for epoch in range(start_epoch, epochs):
+        if step >= total_steps:
+            break
+        # accelerate's loader counts its own epochs and passes them to the sampler at each iteration; a resumed
+        # run (or a skipping loader, which starts counting at the loader's count) must set it explicitly.
         sampler.set_epoch(epoch)
-        for batch in loader:
+        loader.set_epoch(epoch)
+        skip = skip_batches if epoch == start_epoch else 0
+        # Resume: skip the batches this epoch already trained on without loading them (the sampler is
+        # deterministic in seed and epoch, so the order is the interrupted run's).
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batch_index = skip
+        for batch in epoch_loader:
+            batch_index += 1
             row_ids = batch.pop("row_id")
             if epoch == 0:
                 seen[row_ids.cpu().numpy()] = 1
@@ -302,27 +396,55 @@ def run(job: JobConfig) -> dict:
                 }
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
+                metrics["train/peak_memory_gb"] = peak_memory_gb(accelerator.device)
+                # Estimated from 6 x parameters x tokens per process; on GPU only (None on CPU).
+                mfu = model_flops_utilization(n_params, metrics["train/tokens_per_s"] / accelerator.num_processes,
+                                              accelerator.device)
+                if mfu is not None:
+                    metrics["train/mfu"] = mfu
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                                      samples_s=f"{metrics['train/samples_per_s']:.2f}")
                 sums.zero_()
                 last_log = now
-            if job.eval.every_steps and step % job.eval.every_steps == 0 and step < total_steps:
-                run_eval(step, f"step {step}")
-                last_log = time.perf_counter()  # throughput counts training time only
             if step >= total_steps:
                 break
-        if step >= total_steps:
+            if job.eval.every_steps and step % job.eval.every_steps == 0:
+                paused = time.perf_counter()
+                last_eval = run_eval(step, f"step {step}")
+                segment_start += time.perf_counter() - paused  # training time excludes evaluation
+                last_log = time.perf_counter()  # throughput counts training time only
+            time_due, preempted = stop.poll()
+            if preempted or time_due or (job.checkpoint.every_steps and step % job.checkpoint.every_steps == 0):
+                if preempted:
+                    log(f"SIGTERM received: checkpointing at step {step} and stopping")
+                paused = time.perf_counter()
+                save_checkpoint(epoch, batch_index)
+                segment_start += time.perf_counter() - paused
+                last_log = time.perf_counter()
+            if preempted:
+                break
+        if step >= total_steps or preempted:
             break
     progress.close()
-    train_seconds = time.perf_counter() - start
+    if preempted:
+        stop.restore()
+        return _stop_preempted(job, accelerator, checkpoints, tracker, run_dir, step, summary, log)
+    train_seconds += time.perf_counter() - segment_start
+    segment_start = time.perf_counter()
+    summary["eval_end"] = last_eval = run_eval(step, "trained model")
+    if checkpointing and saved_steps[-1:] != [step]:
+        # The last state with its evaluation (retention may keep it as the best), to extend or export the run.
+        save_checkpoint(epoch, batch_index)
+    stop.drain()
+    stop.restore()
 
     seen_counts = accelerator.reduce(torch.tensor(seen, device=accelerator.device), reduction="sum").cpu().numpy()
     per_rank = accelerator.gather(torch.tensor([int(seen.sum())], device=accelerator.device)).cpu().tolist()
     summary["ranks"] = {"rows_seen_per_rank_epoch0": per_rank,
                         "rows_seen_by_several_ranks_epoch0": int((seen_counts > 1).sum())}
     summary["train"] = {"steps": step, "seconds": round(train_seconds, 2)}
-    summary["eval_end"] = run_eval(step, "trained model")
+    summary["checkpoint_upload_waits_s"] = [round(w, 3) for w in checkpoints.upload_waits]
 
     # Every rank takes part in collecting the weights (a collective under sharded training).
     state_dict = accelerator.get_state_dict(model)
@@ -341,6 +463,66 @@ def run(job: JobConfig) -> dict:
         from lfqa.plot import plot_run
 
         log(f"training curves drawn to {plot_run(run_dir)}")
+    uploaded = checkpoints.close()
+    if remote is not None and is_main:
+        publish_run(remote, run_dir, log)
+    if checkpoints.upload_errors or not uploaded:
+        log(f"warning: {len(checkpoints.upload_errors)} checkpoint upload(s) failed; see the messages above")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def open_remote(job: JobConfig, accelerator):
+    """The run's S3 store, checked (bucket, credentials, endpoint, write access) before anything is trained."""
+    if not job.output.uri:
+        return None
+    from accelerate.utils import broadcast_object_list
+
+    from lfqa.storage import StorageError, open_store
+
+    store = open_store(job.output.uri, job.output.s3_endpoint_url, job.output.s3_region, job.checkpoint.upload_workers)
+    error = [None]
+    if accelerator.is_main_process:
+        try:
+            store.check()
+        except StorageError as err:
+            error = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error, from_process=0)
+    if error[0]:
+        raise StorageError(f"output.uri: {error[0]}")
+    return store
+
+
+def publish_run(remote, run_dir: Path, log) -> None:
+    """Upload the final model and the run's reports; summary.json goes last (its presence means done)."""
+    started = time.perf_counter()
+    remote.upload_dir(run_dir / "model", "model")
+    for path in sorted(run_dir.glob("eval-step*.json")) + [run_dir / "metrics.jsonl", run_dir / "curves.png"]:
+        if path.exists():
+            remote.upload_file(path, path.name)
+    if (run_dir / "summary.json").exists():
+        remote.upload_file(run_dir / "summary.json", "summary.json")
+    log(f"model and reports uploaded to {remote.url()} in {time.perf_counter() - started:.1f}s")
+
+
+def _stop_preempted(job, accelerator, checkpoints, tracker, run_dir: Path, step: int, summary: dict, log) -> dict:
+    """After the SIGTERM checkpoint: wait for its upload within the grace period, leave a note, and stop."""
+    grace = job.checkpoint.preemption_grace_seconds
+    uploaded = checkpoints.close(timeout=grace)
+    summary["preempted"] = {"step": step, "uploaded": uploaded, "time": time.time()}
+    if accelerator.is_local_main_process:
+        # On every machine: each pod's start script turns torch's exit 1 into 75 when it finds this file.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "preempted.json").write_text(json.dumps(summary["preempted"]))
+    if accelerator.is_main_process:
+        if uploaded:
+            log(f"preempted at step {step}: checkpoint saved" + (" and uploaded" if checkpoints.remote else ""))
+        else:
+            log(f"preempted at step {step}: checkpoint saved locally; its upload did not finish in {grace:.0f}s, "
+                f"so a restart resumes from the previous complete one in the bucket")
+    tracker.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -365,14 +547,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lfqa: error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    from lfqa.checkpoint import EXIT_PREEMPTED, CheckpointError
     from lfqa.data import DataError
     from lfqa.modeling import ModelLoadError
+    from lfqa.storage import StorageError
 
     try:
-        run(job)
-    except (DataError, ModelLoadError, ConfigError) as err:
+        summary = run(job)
+    except (DataError, ModelLoadError, ConfigError, StorageError, CheckpointError) as err:
         print(f"lfqa: error: {err}", file=sys.stderr)
         return 1
+    if summary.get("preempted"):
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -12,7 +12,7 @@ from conftest import ROOT, cache_overrides, free_port, lfqa_env
 LAUNCH_CONFIGS = {"ddp": "cpu", "zero2": "zero2-cpu", "zero3": "zero3-cpu", "zero3_offload": "zero3-offload-cpu"}
 SHORT = ["train.max_steps=30", "train.warmup_steps=5", "eval.at_start=false", "eval.max_generate_samples=5",
          "data.max_eval_samples=9", "eval.batch_size=1", "eval.generation.max_new_tokens=12",
-         "tracking.progress_bar=false", "tracking.log_every_steps=10"]
+         "tracking.progress_bar=false", "tracking.log_every_steps=10", "checkpoint.every_steps=20"]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,8 @@ def test_zero2_and_zero3_train_the_same_weights_as_ddp(launch):
         assert diff < 1e-4, f"{stage} differs from DDP by {diff}"
 
 
-@pytest.mark.distributed
-def test_zero3_evaluation_matches_the_exported_model_in_one_process(launch):
-    """Generation under ZeRO-3 (synced_gpus, ranks in lockstep) gives what the exported model gives alone."""
+def evaluate_alone(model_dir: Path):
+    """Loss, ROUGE and answers of a saved model on the run's validation rows, in this one process."""
     from accelerate import Accelerator
 
     from lfqa.config import load_job
@@ -77,17 +76,23 @@ def test_zero3_evaluation_matches_the_exported_model_in_one_process(launch):
     from lfqa.evaluation import evaluate
     from lfqa.modeling import attention_window, load_model, load_tokenizer
 
-    run_dir, _ = launch("zero3")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    job = load_job(run_dir / "model" / "job.yaml")
-    model, tok = load_model(str(run_dir / "model")), load_tokenizer(str(run_dir / "model"))
+    job = load_job(model_dir / "job.yaml")
+    model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
     examples, report, fp = read_split(job.data, "validation")
     ds = tokenize_examples(examples, tok, job.data, report, fp, max_input_tokens=1024, max_answer_tokens=256,
                            limit=job.data.max_eval_samples, log=lambda _: None)
     questions = [examples[i].question for i in ds["row_id"]]
     references = [examples[i].answer for i in ds["row_id"]]
-    result = evaluate(model, tok, ds, questions, references, job.eval, Accelerator(cpu=True),
-                      Seq2SeqCollator(tok.pad_token_id, attention_window(model)))
+    return evaluate(model, tok, ds, questions, references, job.eval, Accelerator(cpu=True),
+                    Seq2SeqCollator(tok.pad_token_id, attention_window(model)))
+
+
+@pytest.mark.distributed
+def test_zero3_evaluation_matches_the_exported_model_in_one_process(launch):
+    """Generation under ZeRO-3 (synced_gpus, ranks in lockstep) gives what the exported model gives alone."""
+    run_dir, _ = launch("zero3")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result = evaluate_alone(run_dir / "model")
     assert result.loss == pytest.approx(summary["eval_end"]["loss"], abs=1e-4)
     assert result.rouge == pytest.approx(summary["eval_end"]["rouge"], abs=1e-6)
     ranked = json.loads((run_dir / "eval-step30.json").read_text())["samples"]
@@ -161,3 +166,39 @@ def test_deepspeed_auto_values_come_from_the_job():
     assert filled["optimizer"]["params"]["betas"] == [0.9, 0.98]
     assert filled["optimizer"]["params"]["eps"] == pytest.approx(1e-8)
     assert configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), job) is None
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", ["ddp", "zero3"])
+def test_export_of_the_last_checkpoint_is_the_trained_model(stage, launch, tmp_path):
+    """`lfqa export` merges the (ZeRO-3: sharded) checkpoint into the same weights as the final model, and the
+    exported model reproduces the run's validation loss."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lfqa.export import main as export_main
+
+    run_dir, _ = launch(stage)
+    checkpoint = run_dir / "checkpoints" / "step-00000030"
+    if stage == "zero3":
+        assert list((checkpoint / "pytorch_model").glob("*optim_states.pt")), "not a ZeRO checkpoint"
+    assert export_main([str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    final = load_file(str(run_dir / "model" / "model.safetensors"))
+    assert exported.keys() == final.keys()
+    assert max((exported[k] - final[k]).abs().max().item() for k in final) <= 1e-6
+    assert (tmp_path / "exported" / "job.yaml").exists() and (tmp_path / "exported" / "tokenizer.json").exists()
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "exported")
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result = evaluate_alone(tmp_path / "exported")
+    assert result.loss == pytest.approx(summary["eval_end"]["loss"], abs=1e-4)
+    assert result.rouge == pytest.approx(summary["eval_end"]["rouge"], abs=1e-6)  # generation under ZeRO-3 too
+
+
+def test_export_refuses_an_incomplete_checkpoint(tmp_path):
+    from lfqa.export import main as export_main
+
+    (tmp_path / "step-00000005").mkdir()
+    assert export_main([str(tmp_path / "step-00000005"), "--out", str(tmp_path / "out")]) == 1

@@ -1,0 +1,403 @@
+"""Checkpoints that survive preemption: save, mark complete, upload, retain, find and resume.
+
+Layout, the same on local disk (``output.dir``) and in the bucket (``output.uri``)::
+
+    checkpoints/step-00000120/
+        (accelerate's save_state: model, optimizer, scheduler, RNG states per rank; ZeRO shards under DeepSpeed)
+        trainer_state.json   step, data position, loop sums, eval metrics, tracking run id
+        metrics.jsonl        the run's metrics up to this step (restored on resume)
+        hf/                  config.json, tokenizer and job.yaml, so that ``lfqa export`` needs nothing else
+        COMPLETE             written last; a folder without it is never resumed
+
+Locally, ``COMPLETE`` is written by each node's first process after every rank has written its part. Remotely,
+each node uploads what its ranks wrote and then a ``.nodes/<node>`` part marker; the run's main process writes
+``COMPLETE`` only once its own upload is done and every node's part marker is there. A checkpoint whose upload
+was cut (process killed, server gone) therefore has no remote ``COMPLETE`` and is ignored.
+
+accelerate's ``save_state`` / ``load_state`` do the actual (sharded) state; this module adds what no library
+does for us: completeness across ranks and nodes, remote sync ordering, retention of newest + best, and the
+choice of what to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+#: Exit status of a run stopped by SIGTERM after checkpointing (sysexits EX_TEMPFAIL: "try again later").
+EXIT_PREEMPTED = 75
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; ``str(err)`` is one line naming the checkpoint."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def parse_step(name: str) -> int | None:
+    match = _NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class CheckpointInfo:
+    name: str
+    step: int
+    complete: bool
+    metrics: dict = field(default_factory=dict)
+
+
+def list_checkpoints(store, with_metrics: bool = True) -> list[CheckpointInfo]:
+    """Checkpoints in a store (local or S3), oldest first; metrics only for complete ones."""
+    out = []
+    for name in store.list_subdirs(CHECKPOINTS):
+        step = parse_step(name)
+        if step is None:
+            continue
+        complete = store.exists(f"{CHECKPOINTS}/{name}/{MARKER}")
+        metrics = {}
+        if complete and with_metrics:
+            try:
+                metrics = json.loads(store.read_text(f"{CHECKPOINTS}/{name}/{STATE_FILE}")).get("metrics") or {}
+            except Exception:  # noqa: BLE001 - a checkpoint without readable metrics is still a checkpoint
+                metrics = {}
+        out.append(CheckpointInfo(name, step, complete, metrics))
+    return sorted(out, key=lambda c: c.step)
+
+
+def newest_complete(infos: list[CheckpointInfo]) -> CheckpointInfo | None:
+    complete = [c for c in infos if c.complete]
+    return complete[-1] if complete else None
+
+
+def retained(infos: list[CheckpointInfo], keep_last: int, keep_best: int, metric: str, mode: str) -> set[str]:
+    """Names to keep: the newest ``keep_last`` complete checkpoints and the best ``keep_best`` by ``metric``.
+
+    Incomplete checkpoints newer than the newest complete one are kept (an upload or save may be in flight);
+    older incomplete ones are leftovers of a crash and are not.
+    """
+    complete = [c for c in infos if c.complete]
+    keep = {c.name for c in complete[-keep_last:]}
+    scored = [c for c in complete if isinstance(c.metrics.get(metric), (int, float))
+              and math.isfinite(c.metrics[metric])]
+    scored.sort(key=lambda c: (c.metrics[metric] if mode == "min" else -c.metrics[metric], -c.step))
+    keep |= {c.name for c in scored[:keep_best]}
+    newest = complete[-1].step if complete else -1
+    keep |= {c.name for c in infos if not c.complete and c.step > newest}
+    return keep
+
+
+def prune(store, keep_last: int, keep_best: int, metric: str, mode: str, log=print) -> list[str]:
+    """Delete the checkpoints that :func:`retained` does not keep; returns their names."""
+    infos = list_checkpoints(store)
+    keep = retained(infos, keep_last, keep_best, metric, mode)
+    deleted = []
+    for info in infos:
+        if info.name not in keep:
+            # The marker goes first: a half-deleted checkpoint must never look complete.
+            store.delete_prefix(f"{CHECKPOINTS}/{info.name}", marker=MARKER)
+            deleted.append(info.name)
+    if deleted:
+        log(f"checkpoints: deleted {', '.join(deleted)} from {store.url(CHECKPOINTS)} "
+            f"(keeping {', '.join(sorted(keep))})")
+    return deleted
+
+
+def node_layout(accelerator) -> tuple[int, int]:
+    """(this process's node index, number of nodes), from the launcher's LOCAL_WORLD_SIZE."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
+    local = max(1, min(local, accelerator.num_processes))
+    return accelerator.process_index // local, max(1, accelerator.num_processes // local)
+
+
+class StopSignal:
+    """SIGTERM handling and time-based checkpoints, agreed on by every rank.
+
+    A rank that receives SIGTERM (Kubernetes sends it before killing a pod) only sets a flag; the loop asks
+    :meth:`poll` once per optimizer step. Every rank must stop, or checkpoint, at the same step or the sharded
+    save would deadlock, so the flags are combined with an all-reduce (MAX). That all-reduce is started
+    asynchronously and read one step later, so the step never waits for it.
+    """
+
+    def __init__(self, accelerator, every_minutes: float):
+        self.accelerator = accelerator
+        self.every_seconds = every_minutes * 60
+        self.last_checkpoint = time.monotonic()
+        self.received = False
+        self._pending = None
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.received = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def checkpointed(self) -> None:
+        self.last_checkpoint = time.monotonic()
+
+    def poll(self) -> tuple[bool, bool]:
+        """(a time-based checkpoint is due, stop now) as agreed by all ranks."""
+        due = bool(self.every_seconds) and time.monotonic() - self.last_checkpoint >= self.every_seconds
+        local = torch.tensor([int(due), int(self.received)], dtype=torch.int32, device=self.accelerator.device)
+        if self.accelerator.num_processes == 1:
+            return bool(local[0]), bool(local[1])
+        import torch.distributed as dist
+
+        agreed = (False, False)
+        if self._pending is not None:
+            tensor, work = self._pending
+            work.wait()
+            values = tensor.tolist()
+            agreed = (bool(values[0]), bool(values[1]))
+        work = dist.all_reduce(local, op=dist.ReduceOp.MAX, async_op=True)
+        self._pending = (local, work)
+        return agreed
+
+    def drain(self) -> None:
+        """Finish the all-reduce still in flight (every rank calls this at the same point)."""
+        if self._pending is not None:
+            self._pending[1].wait()
+            self._pending = None
+
+
+class CheckpointManager:
+    """Saves, uploads, prunes and finds checkpoints for one run. Every rank creates one and calls
+    :meth:`save` and :meth:`resume` at the same points (they contain collectives)."""
+
+    def __init__(self, accelerator, job, run_dir: Path, remote=None, log=print):
+        from lfqa.storage import LocalStore
+
+        self.accelerator = accelerator
+        self.cfg = job.checkpoint
+        self.job = job
+        self.run_dir = Path(run_dir)
+        self.local = LocalStore(self.run_dir)
+        self.remote = remote
+        self.log = log
+        self.node, self.num_nodes = node_layout(accelerator)
+        self.uploader = None
+        self.upload_errors: list[str] = []
+        self.upload_waits: list[float] = []
+        if remote is not None and accelerator.is_local_main_process:
+            from lfqa.storage import BackgroundUploader
+
+            self.uploader = BackgroundUploader(remote, on_done=self._after_upload)
+
+    # --- saving -----------------------------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / CHECKPOINTS / name
+
+    def save(self, step: int, state: dict, tokenizer, model, extra_files: dict[str, Path] | None = None) -> Path:
+        """Write checkpoint ``step`` (all ranks), mark it complete locally, queue its upload and prune."""
+        from lfqa.config import dump_job
+
+        acc = self.accelerator
+        name = checkpoint_name(step)
+        path = self.path(name)
+        if acc.is_local_main_process and path.exists():
+            shutil.rmtree(path)  # an incomplete leftover of a crash at this very step
+        acc.wait_for_everyone()
+        started = time.perf_counter()
+        acc.save_state(str(path))
+        if acc.is_main_process:
+            hf = path / "hf"
+            acc.unwrap_model(model).config.save_pretrained(hf)
+            tokenizer.save_pretrained(hf)
+            (hf / "job.yaml").write_text(dump_job(self.job))
+            (path / STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
+            for target, source in (extra_files or {}).items():
+                if Path(source).exists():
+                    shutil.copyfile(source, path / target)
+        acc.wait_for_everyone()  # every rank's part is on disk
+        if acc.is_local_main_process:
+            (path / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+        self.log(f"checkpoint {name} saved to {path} in {time.perf_counter() - started:.1f}s")
+        if self.uploader is not None:
+            self._queue_upload(name, path)
+        if acc.is_local_main_process:
+            self._prune_local()
+        return path
+
+    def _queue_upload(self, name: str, path: Path) -> None:
+        remote_dir = f"{CHECKPOINTS}/{name}"
+        if self.num_nodes == 1:
+            # One node holds every rank's part: its upload puts COMPLETE last by itself.
+            waited = self.uploader.submit(path, remote_dir, marker=MARKER)
+        else:
+            # Each node uploads its ranks' parts; _after_upload then marks the node done and the main process
+            # writes COMPLETE once every node has.
+            waited = self.uploader.submit(path, remote_dir, exclude=(MARKER,))
+        self.upload_waits.append(waited)
+        if waited > 0.05:
+            self.log(f"checkpoint {name}: waited {waited:.1f}s for the previous upload to finish")
+
+    def _after_upload(self, remote_dir: str, ok: bool) -> None:
+        """Runs on the uploader thread after each upload."""
+        if not ok:
+            return
+        store = self.remote
+        if self.num_nodes > 1:
+            store.write_text(f"{remote_dir}/.nodes/{self.node}", json.dumps({"node": self.node, "time": time.time()}))
+            if not self.accelerator.is_main_process:
+                return
+            deadline = time.monotonic() + 600
+            missing = list(range(self.num_nodes))
+            while missing:
+                missing = [n for n in missing if not store.exists(f"{remote_dir}/.nodes/{n}")]
+                if not missing:
+                    break
+                if time.monotonic() > deadline:
+                    raise CheckpointError(f"{store.url(remote_dir)}: nodes {missing} never finished their upload; "
+                                          f"the checkpoint stays incomplete")
+                time.sleep(1)
+            store.upload_file(self.run_dir / remote_dir / MARKER, f"{remote_dir}/{MARKER}")
+        if self.accelerator.is_main_process:
+            self.log(f"checkpoint uploaded to {store.url(remote_dir)}")
+            prune(store, self.cfg.keep_last, self.cfg.keep_best, self.cfg.best_metric, self.cfg.best_mode,
+                  log=self.log)
+
+    def _prune_local(self) -> None:
+        # Safe while uploads run: submit() returned only after the previous upload finished, so every
+        # checkpoint but the newest (always kept) is already in the bucket.
+        prune(self.local, self.cfg.keep_last, self.cfg.keep_best, self.cfg.best_metric, self.cfg.best_mode,
+              log=self.log)
+
+    def wait_for_uploads(self, timeout: float | None = None) -> bool:
+        """Block until queued uploads are done (or ``timeout`` seconds passed); True when all finished."""
+        if self.uploader is None:
+            return True
+        done = self.uploader.wait(timeout)
+        for error in self.uploader.errors[len(self.upload_errors):]:
+            self.upload_errors.append(error)
+            self.log(f"checkpoint upload failed: {error}")
+        return done
+
+    def close(self, timeout: float | None = None) -> bool:
+        done = self.wait_for_uploads(timeout)
+        if self.uploader is not None:
+            self.uploader.close(timeout=0 if not done else timeout)
+        return done
+
+    # --- resuming ---------------------------------------------------------------------------------------
+
+    def _choose(self) -> tuple[str | None, str | None, str]:
+        """Main process only: (checkpoint name, where: local|remote|explicit path/URI, description)."""
+        what = self.cfg.resume.strip()
+        if what == "never":
+            return None, None, "checkpoint.resume is never: starting fresh"
+        if what != "auto":
+            return self._explicit(what)
+        local = newest_complete(list_checkpoints(self.local, with_metrics=False))
+        remote = newest_complete(list_checkpoints(self.remote, with_metrics=False)) if self.remote else None
+        if local is None and remote is None:
+            where = f"{self.local.url()}" + (f" or {self.remote.url()}" if self.remote else "")
+            return None, None, f"no complete checkpoint in {where}: starting fresh"
+        if remote is not None and (local is None or remote.step > local.step):
+            return remote.name, "remote", f"resuming from {self.remote.url(CHECKPOINTS + '/' + remote.name)}"
+        return local.name, "local", f"resuming from {self.path(local.name)}"
+
+    def _explicit(self, what: str) -> tuple[str, str, str]:
+        if what.startswith("s3://"):
+            name = what.rstrip("/").rsplit("/", 1)[-1]
+            if parse_step(name) is None:
+                raise CheckpointError(f"checkpoint.resume: {what} is not a checkpoint folder (step-NNNNNNNN)")
+            return name, what, f"resuming from {what}"
+        path = Path(what)
+        if not (path / MARKER).exists():
+            raise CheckpointError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} file)")
+        return path.name, str(path), f"resuming from {path}"
+
+    def resume(self) -> tuple[Path | None, dict | None]:
+        """Every rank: pick (main decides), fetch if needed, and return (checkpoint folder, trainer state)."""
+        from accelerate.utils import broadcast_object_list
+
+        acc = self.accelerator
+        decision = [None, None, None]
+        if acc.is_main_process:
+            try:
+                decision = list(self._choose())
+            except Exception as err:  # noqa: BLE001 - every rank must learn about it, or they would hang
+                decision = [None, "error", f"{err}"]
+        if acc.num_processes > 1:
+            broadcast_object_list(decision, from_process=0)
+        name, where, message = decision
+        if where == "error":
+            raise CheckpointError(message)
+        self.log(message)
+        if name is None:
+            return None, None
+        if where in ("local", "remote"):
+            path = self.path(name)
+        elif where.startswith("s3://"):
+            path = self.path(name)
+        else:
+            path = Path(where)
+        error = None
+        if acc.is_local_main_process and not (path / MARKER).exists():
+            # Another node's disk, a new pod, or an explicit URI: fetch the whole checkpoint from the bucket.
+            error = self._download(name, where, path)
+        errors = [error]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            errors = gather_object([error])
+        errors = [e for e in errors if e]
+        if errors:
+            raise CheckpointError(errors[0])
+        state = json.loads((path / STATE_FILE).read_text())
+        if state.get("num_processes") not in (None, acc.num_processes):
+            raise CheckpointError(
+                f"{path}: written by {state['num_processes']} processes, this job has {acc.num_processes}; "
+                f"resuming needs the same process count (or checkpoint.resume=never, or lfqa export)")
+        acc.load_state(str(path))
+        return path, state
+
+    def _download(self, name: str, where: str, path: Path) -> str | None:
+        from lfqa.storage import StorageError, open_store
+
+        try:
+            if where.startswith("s3://"):
+                parent, _, _ = where.rstrip("/").rpartition("/")
+                out = self.job.output
+                store = open_store(parent, out.s3_endpoint_url, out.s3_region, self.cfg.upload_workers)
+                remote_dir = name
+            elif self.remote is not None:
+                store, remote_dir = self.remote, f"{CHECKPOINTS}/{name}"
+            else:
+                return f"{path}: not on this node's disk and there is no output.uri to fetch it from"
+            if not store.exists(f"{remote_dir}/{MARKER}"):
+                return f"{store.url(remote_dir)}: not a complete checkpoint (no {MARKER})"
+            partial = path.with_name(path.name + ".download")
+            shutil.rmtree(partial, ignore_errors=True)
+            started = time.perf_counter()
+            store.download_dir(remote_dir, partial)
+            if path.exists():
+                shutil.rmtree(path)
+            partial.rename(path)
+            self.log(f"downloaded {store.url(remote_dir)} in {time.perf_counter() - started:.1f}s")
+        except (StorageError, OSError) as err:
+            return f"cannot fetch checkpoint {name}: {err}"
+        return None
