@@ -10,7 +10,33 @@ BENCH_ARGS ?=
 # The stamp is refreshed whenever pyproject.toml changes, so set-up is a no-op when nothing changed.
 STAMP := $(VENV)/.lfqa-installed
 
-.PHONY: setup train test bench lint clean help
+# Container image and Kubernetes (k8s/): `make train-cluster NODES=2 GPUS_PER_NODE=8 IMAGE=... OUTPUT_URI=...`
+IMAGE ?= lfqa:latest
+PLATFORM ?= linux/amd64
+DOCKER ?= docker
+DOCKER_BUILD_ARGS ?=
+KUBECTL ?= kubectl
+NODES ?= 1
+GPUS_PER_NODE ?= 1
+NAME ?= lfqa
+NAMESPACE ?=
+OUTPUT_URI ?=
+SECRET ?= lfqa-credentials
+NODE_SELECTOR ?= nvidia.com/gpu.present=true
+# On a cluster, JOB and ACCELERATE_CONFIG default to the real job on DeepSpeed ZeRO-2 across machines
+# (a command-line JOB=... or ACCELERATE_CONFIG=... still wins).
+K8S_TARGETS := k8s-render train-cluster
+$(K8S_TARGETS): JOB = jobs/led-base-lfqa.yaml
+$(K8S_TARGETS): ACCELERATE_CONFIG = accelerate_configs/multi-node.yaml
+# The venv's python also checks the job file before anything reaches the cluster; python3 is enough to render.
+K8S_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+K8S_RENDER = $(K8S_PYTHON) k8s/render.py --nodes '$(NODES)' --gpus-per-node '$(GPUS_PER_NODE)' \
+	--image '$(IMAGE)' --job '$(JOB)' --output-uri '$(OUTPUT_URI)' --name '$(NAME)' --namespace '$(NAMESPACE)' \
+	--accelerate-config '$(ACCELERATE_CONFIG)' --secret '$(SECRET)' --node-selector '$(NODE_SELECTOR)' \
+	--kubectl '$(KUBECTL)' -- $(ARGS)
+K8S_NS = $(if $(NAMESPACE),--namespace '$(NAMESPACE)')
+
+.PHONY: setup train test bench lint clean help image push k8s-render train-cluster k8s-logs k8s-delete
 
 help:
 	@echo "make train    set up, then train $(JOB) with accelerate ($(ACCELERATE_CONFIG)); ARGS='key=value ...'"
@@ -18,6 +44,14 @@ help:
 	@echo "make bench    set up, then run the throughput benchmark (benchmarks/run.py); BENCH_ARGS='...'"
 	@echo "make lint     ruff"
 	@echo "make clean    remove the virtual environment, caches and runs"
+	@echo "make image    docker build the training image IMAGE=$(IMAGE) (CUDA torch, lfqa, uid 1000)"
+	@echo "make push     build, then docker push IMAGE"
+	@echo "make k8s-render     print the Kubernetes manifests of a run (no cluster needed): NODES=$(NODES)"
+	@echo "                    GPUS_PER_NODE=$(GPUS_PER_NODE) IMAGE JOB OUTPUT_URI NAME=$(NAME) NAMESPACE"
+	@echo "                    ACCELERATE_CONFIG SECRET=$(SECRET) NODE_SELECTOR ARGS='key=value ...'"
+	@echo "make train-cluster  render, kubectl apply, then follow rank 0's log until the Job ends (same variables)"
+	@echo "make k8s-logs       follow rank 0 of run NAME again (across pod restarts)"
+	@echo "make k8s-delete     delete run NAME: its Job, pods, Service and ConfigMap (not the bucket)"
 
 setup: $(STAMP)
 
@@ -43,3 +77,25 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache build *.egg-info
+
+image:
+	$(DOCKER) build --platform $(PLATFORM) --file Dockerfile --tag $(IMAGE) $(DOCKER_BUILD_ARGS) .
+
+push: image
+	$(DOCKER) push $(IMAGE)
+
+k8s-render:
+	@$(K8S_RENDER)
+
+# Rendered into a shell variable first, so that a render error stops here and nothing half-made is applied.
+train-cluster:
+	@test -n "$(OUTPUT_URI)" || { echo "make train-cluster: set OUTPUT_URI=s3://bucket/prefix (checkpoints and the final model)" >&2; exit 2; }
+	manifests="$$($(K8S_RENDER))" && printf '%s\n' "$$manifests" | $(KUBECTL) $(K8S_NS) apply -f -
+	KUBECTL='$(KUBECTL)' k8s/follow.sh '$(NAME)' '$(NAMESPACE)'
+
+k8s-logs:
+	KUBECTL='$(KUBECTL)' k8s/follow.sh '$(NAME)' '$(NAMESPACE)'
+
+k8s-delete:
+	$(KUBECTL) $(K8S_NS) delete job,service,configmap --cascade=foreground --ignore-not-found \
+		--selector 'app.kubernetes.io/name=lfqa,app.kubernetes.io/instance=$(NAME)'

@@ -120,6 +120,35 @@ def prune(store, keep_last: int, keep_best: int, metric: str, mode: str, log=pri
     return deleted
 
 
+# Settings that may change between a checkpoint and the job resuming it: where things go, how often to
+# checkpoint, log and evaluate, and how long to train (extending a finished run is a resume).
+_MAY_CHANGE = ("output.", "checkpoint.", "tracking.", "eval.", "train.max_steps", "train.epochs",
+               "model.cache_dir", "data.cache_dir", "data.max_eval_samples", "data.validation")
+
+
+def changed_settings(saved_job: Path, job) -> list[str]:
+    """``key: old -> new`` for each setting that differs from the checkpoint's job and may not."""
+    import yaml
+
+    from lfqa.config import job_to_dict
+
+    if not saved_job.exists():
+        return []
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old, new = flat(yaml.safe_load(saved_job.read_text()) or {}), flat(job_to_dict(job))
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if not key.startswith(_MAY_CHANGE) and old.get(key) != new.get(key)]
+
+
 def node_layout(accelerator) -> tuple[int, int]:
     """(this process's node index, number of nodes), from the launcher's LOCAL_WORLD_SIZE."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
@@ -372,6 +401,11 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{path}: written by {state['num_processes']} processes, this job has {acc.num_processes}; "
                 f"resuming needs the same process count (or checkpoint.resume=never, or lfqa export)")
+        changed = changed_settings(path / "hf" / "job.yaml", self.job)
+        if changed:
+            raise CheckpointError(
+                f"{path} was trained with other settings ({'; '.join(changed[:3])}): resuming would mix two runs. "
+                f"Use a new output.dir, or checkpoint.resume=never to start over in this one")
         acc.load_state(str(path))
         return path, state
 

@@ -308,6 +308,9 @@ def _train_loop(job, accelerator, log, run_dir, remote, tokenizer, model, n_para
             start_epoch, skip_batches = start_epoch + 1, 0
         summary["resumed_from"] = {"checkpoint": str(resumed_from), "step": step}
         log(f"resumed at step {step} (epoch {start_epoch + 1}, batch {skip_batches} of {len(loader)})")
+        if step >= total_steps:
+            log(f"the run already reached its {total_steps} steps: evaluating and saving only (raise "
+                f"train.max_steps to train on, or use checkpoint.resume=never or a new output.dir to start over)")
     elif job.eval.at_start:
         summary["eval_start"] = run_eval(0, "untrained model")
 

@@ -395,3 +395,17 @@ def test_checkpoints_cli_lists_pulls_and_prunes_a_run(tmp_path, capsys):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step-00000010", "step-00000015", "step-00000020"]
     assert main(["prune", str(run), "--keep-last", "0"]) == 2
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    from lfqa.checkpoint import changed_settings
+    from lfqa.config import dump_job, load_job
+
+    saved = tmp_path / "job.yaml"
+    saved.write_text(dump_job(load_job(ROOT / "jobs" / "tiny-cpu.yaml")))
+    # Longer training, another folder, other checkpoint and eval settings: still the same run.
+    same = load_job(ROOT / "jobs" / "tiny-cpu.yaml", ["train.max_steps=5000", "output.dir=elsewhere",
+                                                      "checkpoint.every_steps=9", "eval.every_steps=7"])
+    assert changed_settings(saved, same) == []
+    other = load_job(ROOT / "jobs" / "tiny-cpu.yaml", ["train.learning_rate=3e-4", "data.batch_size=2"])
+    assert changed_settings(saved, other) == ["data.batch_size: 4 -> 2", "train.learning_rate: 0.001 -> 0.0003"]

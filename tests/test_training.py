@@ -120,7 +120,8 @@ def test_single_process_run_reuses_the_tokenised_cache(tmp_path):
     first = run_single(args, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "lfqa: 1 process(es)" in first.stdout + first.stderr
-    second = run_single(args, tmp_path)
+    # Started over (a plain rerun would resume from the finished run's last checkpoint and only evaluate).
+    second = run_single([*args, "checkpoint.resume=never"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     out = second.stdout + second.stderr
     assert "tiny_train.jsonl: loaded tokenised rows from cache" in out
@@ -129,6 +130,7 @@ def test_single_process_run_reuses_the_tokenised_cache(tmp_path):
     assert summary["train"]["steps"] == 3 and summary["ranks"]["rows_seen_per_rank_epoch0"] == [12]  # 3 steps of 4 rows
     # A finished model is not replaced unless the job allows it.
     third = run_single([*args, "output.overwrite=false"], tmp_path)
+    assert "resum" not in third.stdout + third.stderr  # refused before anything was loaded
     assert third.returncode == 1
     assert third.stderr.strip().splitlines()[-1] == (
         f"lfqa: error: output.dir: {tmp_path / 'run'}/model exists and output.overwrite is false")
