@@ -107,6 +107,31 @@ def configure_deepspeed(accelerator, job: JobConfig) -> dict | None:
     return config
 
 
+def stage_data_files(job: JobConfig):
+    """The data config with ``s3://`` data files replaced by local copies (downloaded once into
+    ``data.cache_dir/s3``, refreshed when the object changes), through the job's S3 endpoint and region."""
+    import dataclasses
+
+    from lfqa.data import DataError
+    from lfqa.storage import StorageError, stage_s3_uri
+
+    def local(paths: list[str]) -> list[str]:
+        out = []
+        for path in paths:
+            if not path.startswith("s3://"):
+                out.append(path)
+                continue
+            try:
+                out.append(str(stage_s3_uri(path, Path(job.data.cache_dir) / "s3",
+                                             endpoint_url=job.output.s3_endpoint_url, region=job.output.s3_region)))
+            except StorageError as err:
+                raise DataError(f"{path}: {err}") from None
+        return out
+
+    return dataclasses.replace(job.data, train_files=local(job.data.train_files),
+                               validation_files=local(job.data.validation_files))
+
+
 def prepare_data(job: JobConfig, tokenizer, model, accelerator, log) -> PreparedData:
     from lfqa.data import read_split, tokenize_examples
 
@@ -123,7 +148,7 @@ def prepare_data(job: JobConfig, tokenizer, model, accelerator, log) -> Prepared
     for split, limit in (("train", job.data.max_train_samples), ("validation", job.data.max_eval_samples)):
         # The local main process reads and tokenises into the cache first; the others then load it.
         with accelerator.local_main_process_first():
-            examples, report, fingerprint = read_split(job.data, split)
+            examples, report, fingerprint = read_split(stage_data_files(job), split)
             out[split] = tokenize_examples(examples, tokenizer, job.data, report, fingerprint,
                                            max_input_tokens=max_input, max_answer_tokens=max_answer,
                                            limit=limit, log=log)

@@ -286,22 +286,39 @@ def test_storage_problems_stop_the_run_before_training(problem, moto_server, tmp
     assert "train:" not in proc.stdout and not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
 
 
-def test_model_weights_from_a_bucket(moto_server, s3_env, tiny_model_path, tmp_path):
+def test_model_and_data_from_a_bucket(moto_server, s3_env, tiny_model_path, tmp_path):
+    """Clusters without hub access stage weights and data in a bucket: model.name_or_path and data files as s3://."""
     from lfqa.storage import S3Store
 
     bucket = moto_server.make_bucket()
     env = s3_env_for(moto_server, tmp_path)
-    S3Store(f"s3://{bucket}/models", endpoint_url=moto_server.endpoint).upload_dir(tiny_model_path, "tiny")
+    store = S3Store(f"s3://{bucket}/staged", endpoint_url=moto_server.endpoint)
+    store.upload_dir(tiny_model_path, "tiny")
+    for name in ("tiny_train.jsonl", "tiny_validation.jsonl"):
+        store.upload_file(ROOT / "lfqa" / "data" / name, f"data/{name}")
     cmd = [PYTHON, "-m", "lfqa.train", "jobs/tiny-cpu.yaml", f"output.dir={tmp_path / 'run'}",
-           f"model.name_or_path=s3://{bucket}/models/tiny", f"output.s3_endpoint_url={moto_server.endpoint}",
+           f"model.name_or_path=s3://{bucket}/staged/tiny", f"output.s3_endpoint_url={moto_server.endpoint}",
+           f"data.train_files=[s3://{bucket}/staged/data/tiny_train.jsonl]",
+           f"data.validation_files=[s3://{bucket}/staged/data/tiny_validation.jsonl]",
            "train.max_steps=2", "eval.every_steps=0", *SINGLE_JOB, *cache_overrides(tmp_path)]
-    proc = run_to_end(cmd, env=env)
-    assert f"model s3://{bucket}/models/tiny" in proc.stdout + proc.stderr
+    out = run_to_end(cmd, env=env)
+    text = out.stdout + out.stderr
+    assert f"model s3://{bucket}/staged/tiny" in text
+    assert "tiny_train.jsonl: 400 rows read" in text and "tiny_validation.jsonl: 50 rows read" in text
     from transformers import AutoModelForSeq2SeqLM
 
     trained = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "model")
     assert sum(p.numel() for p in trained.parameters()) == sum(
         p.numel() for p in AutoModelForSeq2SeqLM.from_pretrained(tiny_model_path).parameters())
+    missing = run_single_error(cmd[:-len(cache_overrides(tmp_path))] + cache_overrides(tmp_path) +
+                               [f"data.train_files=[s3://{bucket}/staged/data/nope.jsonl]"], env)
+    assert "nope.jsonl" in missing and missing.startswith("lfqa: error: s3://")
+
+
+def run_single_error(cmd: list[str], env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.distributed
