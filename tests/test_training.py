@@ -53,7 +53,10 @@ def test_only_the_main_process_writes_metrics(trained):
         assert r["train/samples_per_s"] > 0 and 0 < r["train/input_padding_efficiency"] <= 1
         assert 0 < r["train/answer_padding_efficiency"] <= 1 and r["train/lr"] >= 0
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "curves.png", "eval-step0.json", "eval-step600.json", "metrics.jsonl", "model", "summary.json"]
+        "checkpoints", "curves.png", "eval-step0.json", "eval-step600.json", "metrics.jsonl", "model",
+        "summary.json", "wandb"]
+    # Checkpoints every 250 steps and at the end; kept: the newest 2 and the best by eval loss (the final one).
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000500", "step-00000600"]
 
 
 @pytest.mark.distributed

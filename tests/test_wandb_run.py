@@ -25,8 +25,8 @@ def test_offline_wandb_run_matches_the_jsonl_and_holds_config_and_samples(traine
     assert sorted(run.metric("eval/loss")) == [0, 600]  # untrained and trained: eval.every_steps is 0
 
     # The resolved config, as job.yaml holds it.
-    assert run.config["model"]["value"]["name_or_path"] == "tiny-led"
-    assert run.config["train"]["value"]["learning_rate"] == pytest.approx(1e-3)
+    assert run.config["model"]["name_or_path"] == "tiny-led"
+    assert run.config["train"]["learning_rate"] == pytest.approx(1e-3)
     assert run.name == run_dir.name and run.project == "lfqa"
 
     # A table of sample answers at each evaluation, the same as the eval report.
@@ -36,6 +36,13 @@ def test_offline_wandb_run_matches_the_jsonl_and_holds_config_and_samples(traine
         (s["question"], s["generated"], s["reference"]) for s in report["samples"]]
     assert len(rows) == len(report["samples"]) > 0
     assert len(run.table("eval/samples", 0)) == len(rows)
+
+    # For users without W&B: the same numbers drawn from metrics.jsonl.
+    from lfqa.plot import read_metrics, series
+
+    steps, losses = series(read_metrics(run_dir), "train/loss")
+    assert dict(zip(steps, losses)) == pytest.approx(run.metric("train/loss"), rel=1e-9)
+    assert (run_dir / "curves.png").stat().st_size > 10_000
 
 
 def test_no_secret_reaches_the_wandb_files(trained):
