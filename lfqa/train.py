@@ -329,6 +329,7 @@ def _train_loop(job, accelerator, log, run_dir, remote, tokenizer, model, n_para
     step, start_epoch, skip_batches = 0, 0, 0
     if state is not None:
         step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
+        loader.set_epoch(start_epoch)  # a token budget makes the batch count depend on the epoch
         if skip_batches >= len(loader):
             start_epoch, skip_batches = start_epoch + 1, 0
         summary["resumed_from"] = {"checkpoint": str(resumed_from), "step": step}
