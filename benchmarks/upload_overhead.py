@@ -91,13 +91,13 @@ def make_payload(folder: Path, megabytes: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--payload-mb", type=int, default=256, help="checkpoint size to upload (MB)")
+    parser.add_argument("--payload-mb", type=int, default=512, help="checkpoint size to upload (MB)")
     parser.add_argument("--blocks", type=int, default=4, help="pairs of (no upload, upload) blocks")
     parser.add_argument("--min-steps", type=int, default=8, help="steps per block at least")
     parser.add_argument("--workers", type=int, default=8,
                         help="transfer-manager concurrency (checkpoint.upload_workers)")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--input-tokens", type=int, default=1024)
     parser.add_argument("--answer-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
