@@ -6,7 +6,8 @@ list of context passages (see :class:`lfqa.config.FieldsConfig`); malformed rows
 with their file and row number, and skipped. The model input is ``question: ... context: ...``.
 
 Batching pads inputs only to a multiple of the model's attention window (LED pads to it anyway) and
-groups examples of similar input and answer lengths, so little compute goes to padding.
+groups examples of similar input and answer lengths, so little compute goes to padding; with a token budget
+(``data.max_tokens_per_batch``) each batch holds as many rows as fit it instead of a fixed number.
 """
 
 from __future__ import annotations
@@ -416,44 +417,107 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     batches, sort each group by (input length rounded up to the window, answer length), cut it into
     batches and shuffle the batch order. Rounding inputs to the window first matters: LED pads inputs to
     the window anyway, so ordering by answer length within a window bucket removes decoder padding for
-    free. The one short batch (when the row count is not a multiple of the batch size) always comes last:
-    accelerate's BatchSamplerShard gives rank ``r`` batches ``r, r + w, ...`` and completes only a last
-    round, so a short batch in the middle would silently drop a whole round of batches.
+    free.
+
+    Batches hold ``batch_size`` rows, or, with ``max_tokens``, as many rows (at most ``batch_size``) as fit
+    a token budget: a batch costs (longest input rounded up to the window + longest answer) x rows, the
+    tokens the model really processes. Token batches never mix two window buckets (that would pad every
+    input of the batch to the larger one); a row that alone costs more than the budget gets a batch of its own.
+
+    The epoch's batches depend only on ``(seed, epoch)`` and ``len()`` is the exact number of batches of the
+    epoch set with :meth:`set_epoch` (with ``max_tokens`` it may differ slightly between epochs), so a resumed
+    run can skip the first k batches. Each row appears exactly once per epoch.
+
+    accelerate's BatchSamplerShard gives rank ``r`` batches ``r, r + w, ...`` and reads ``batch_size``: with a
+    fixed size it yields a round only when its last batch is full, so the one short batch (row count not a
+    multiple of the batch size) always comes last, else a whole round would be silently dropped. With
+    ``max_tokens``, ``batch_size`` reads None (accelerate's "batches of varying size"): every round is kept and
+    a last incomplete round is completed with the epoch's first batches.
     """
 
     def __init__(self, input_lengths, label_lengths, batch_size: int, *, window: int = 1, group_size: int = 64,
-                 group_by_length: bool = True, shuffle: bool = True, seed: int = 0):
-        self.input_lengths = np.asarray(input_lengths)
-        self.label_lengths = np.asarray(label_lengths)
-        self.batch_size = batch_size
+                 group_by_length: bool = True, shuffle: bool = True, seed: int = 0, max_tokens: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+        self.input_lengths = np.asarray(input_lengths, dtype=np.int64)
+        self.label_lengths = np.asarray(label_lengths, dtype=np.int64)
+        if self.input_lengths.shape != self.label_lengths.shape:
+            raise ValueError(f"{len(self.input_lengths)} input lengths for {len(self.label_lengths)} label lengths")
+        self.max_batch_size = batch_size
+        self.max_tokens = max_tokens
+        # What accelerate's BatchSamplerShard reads: a fixed size, or None for batches of varying size.
+        self.batch_size = batch_size if max_tokens is None else None
         self.window = max(1, window)
         self.group_size = group_size
         self.group_by_length = group_by_length
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self._padded_inputs = -(-self.input_lengths // self.window) * self.window
+        self._planned: tuple[tuple[int, int], list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def batch_tokens(self, batch: list[int]) -> int:
+        """Tokens the model processes for ``batch``: (longest padded input + longest answer) x rows."""
+        return int((self._padded_inputs[batch].max() + self.label_lengths[batch].max()) * len(batch))
+
+    def _plan(self) -> list[list[int]]:
+        key = (self.seed, self.epoch)
+        if self._planned is not None and self._planned[0] == key:
+            return self._planned[1]
         n = len(self.input_lengths)
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         batches: list[list[int]] = []
-        chunk = self.batch_size * (self.group_size if self.group_by_length else 1)
+        chunk = self.max_batch_size * self.group_size if self.group_by_length else max(n, 1)
         for start in range(0, n, chunk):
             group = order[start:start + chunk]
             if self.group_by_length:
-                buckets = -(-self.input_lengths[group] // self.window)
-                group = group[np.lexsort((self.label_lengths[group], buckets))]
-            batches.extend(group[i:i + self.batch_size].tolist() for i in range(0, len(group), self.batch_size))
-        short = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
-        if self.shuffle and self.group_by_length:
+                group = group[np.lexsort((self.label_lengths[group], self._padded_inputs[group]))]
+            if self.max_tokens is None:
+                batches.extend(group[i:i + self.max_batch_size].tolist()
+                               for i in range(0, len(group), self.max_batch_size))
+            else:
+                batches.extend(self._fill(group))
+        if self.max_tokens is None:
+            short = batches.pop() if batches and len(batches[-1]) < self.max_batch_size else None
+            if self.shuffle and self.group_by_length:
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+            if short:
+                batches.append(short)
+        elif self.shuffle and self.group_by_length:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        yield from batches
-        if short:
-            yield short
+        self._planned = (key, batches)
+        return batches
+
+    def _fill(self, rows: np.ndarray) -> list[list[int]]:
+        """Greedy token-budget batches over ``rows`` in their given order."""
+        budget, most = self.max_tokens, self.max_batch_size
+        padded, labels = self._padded_inputs[rows].tolist(), self.label_lengths[rows].tolist()
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        width_in = width_out = 0
+        for row, p, a in zip(rows.tolist(), padded, labels):
+            if batch:
+                new_in, new_out = max(width_in, p), max(width_out, a)
+                if (len(batch) == most or (new_in + new_out) * (len(batch) + 1) > budget
+                        or (self.group_by_length and p != width_in)):
+                    batches.append(batch)
+                    batch, width_in, width_out = [], 0, 0
+            batch.append(row)
+            width_in, width_out = max(width_in, p), max(width_out, a)
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # Copies: accelerate's BatchSamplerShard extends the last batch it gets in place, which must not
+        # change the epoch's plan that len() and a second pass (a resume) read.
+        yield from (list(batch) for batch in self._plan())
 
     def __len__(self) -> int:
-        return math.ceil(len(self.input_lengths) / self.batch_size)
+        return len(self._plan())

@@ -230,7 +230,7 @@ def run(job: JobConfig) -> dict:
     sampler = LengthGroupedBatchSampler(
         data.train["input_length"], data.train["label_length"], job.data.batch_size,
         window=window, group_size=job.data.length_group_size, group_by_length=job.data.group_by_length,
-        seed=job.train.seed,
+        seed=job.train.seed, max_tokens=job.data.max_tokens_per_batch,
     )
     # Its own generator: starting an iterator draws a seed from it, which would otherwise come from the global
     # RNG and shift dropout after a resume (the checkpoint restores the global RNG before the epoch restarts).
@@ -270,7 +270,9 @@ def run(job: JobConfig) -> dict:
     else:
         scheduler = get_linear_schedule_with_warmup(optimizer, job.train.warmup_steps, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    log(f"train: {len(data.train)} rows, {len(loader)} batches of {job.data.batch_size} per process, "
+    per_batch = (f"up to {job.data.batch_size} rows and {job.data.max_tokens_per_batch} tokens"
+                 if job.data.max_tokens_per_batch else f"{job.data.batch_size}")
+    log(f"train: {len(data.train)} rows, {len(loader)} batches of {per_batch} per process, "
         f"{total_steps} optimizer steps ({epochs} epoch(s), gradient accumulation {accum})")
 
     checkpoints = CheckpointManager(accelerator, job, run_dir, remote=remote, log=log)

@@ -296,6 +296,7 @@ def test_rank_split_through_accelerate_covers_every_row_in_equal_shares(rows):
         assert len(taken[0]) == len(taken[1]) == len(shards[0]) == -(-rows // 8)
         assert {i for t in taken for b in t for i in b} == set(range(rows))
         assert taken[0][: rows // 8] == batches[0::2][: rows // 8]
+        assert list(sampler) == batches  # padding the last round did not change the sampler's plan
         if rows % 8 == 0:
             assert not {i for b in taken[0] for i in b} & {i for b in taken[1] for i in b}
 
@@ -312,3 +313,101 @@ def test_collated_batch_trains_a_tiny_led(tmp_path, tokenizer, tiny_model_path):
     assert torch.isfinite(loss)
     loss.backward()
     assert Counter(p.grad is not None for p in model.parameters())[True] > 0
+
+
+# --- token-budget batching ------------------------------------------------------------------------------
+
+def lfqa_like_lengths(n, seed=0):
+    """Inputs mostly 650-1,000 tokens with a long tail, answers log-normal around 212 (at most 512)."""
+    rng = np.random.default_rng(seed)
+    kind = rng.random(n)
+    inputs = np.where(kind < 0.8, rng.integers(650, 1001, n),
+                      np.where(kind < 0.9, rng.integers(300, 650, n), 1000 + rng.exponential(1000, n).astype(int)))
+    answers = np.clip(np.exp(rng.normal(np.log(212), 0.6, n)).astype(int), 8, 512)
+    return inputs, answers
+
+
+def token_sampler(inp, lab, **kw):
+    kw = {"window": 256, "group_size": 64, "max_tokens": 4096, "seed": 3, **kw}
+    return LengthGroupedBatchSampler(inp, lab, kw.pop("batch_size", 8), **kw)
+
+
+def test_token_budget_batches_cover_every_row_once_and_respect_the_budget():
+    inp, lab = lfqa_like_lengths(1000)
+    inp[7] = 9000  # alone over the budget: a batch of its own
+    sampler = token_sampler(inp, lab)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert len(sampler) == len(batches)
+    assert [7] in batches
+    for batch in batches:
+        assert 1 <= len(batch) <= 8
+        assert sampler.batch_tokens(batch) <= 4096 or len(batch) == 1
+        # Never two window buckets in one batch: that would pad every input to the larger one.
+        assert len({-(-int(inp[i]) // 256) for i in batch}) == 1
+    # Batches really are filled: most could not take one more row of their bucket.
+    assert np.mean([len(b) for b in batches]) > 2.4
+
+
+def test_token_budget_is_deterministic_per_seed_and_epoch_with_an_exact_length():
+    inp, lab = lfqa_like_lengths(700)
+    a, b = token_sampler(inp, lab), token_sampler(inp, lab)
+    for epoch in range(3):
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        # len() before iterating is the epoch's own count (a resumed run skips the first k batches of it).
+        assert len(a) == len(list(a)) == len(b)
+        assert list(a) == list(b)
+        assert sorted(i for batch in a for i in batch) == list(range(700))
+    a.set_epoch(0)
+    b.set_epoch(1)
+    assert list(a) != list(b)
+    assert list(a) != list(token_sampler(inp, lab, seed=4))
+    # What a resumed run sees after skipping k batches is what the interrupted run would have trained on next.
+    from accelerate.data_loader import SkipBatchSampler
+
+    b.set_epoch(0)
+    assert list(SkipBatchSampler(b, skip_batches=5)) == list(a)[5:]
+
+
+def test_token_budget_reaches_the_padding_targets_on_lfqa_like_lengths():
+    inp, lab = lfqa_like_lengths(5000)
+    window_bound = inp.sum() / (-(-inp // 256) * 256).sum()
+    encoder, decoder = padding_efficiency(token_sampler(inp, lab), inp, lab, 256)
+    assert encoder == pytest.approx(window_bound)  # only the window's own padding is left
+    assert encoder >= 0.88 and decoder >= 0.85
+    # Sorting by answer length inside each window bucket is what makes the decoder efficient.
+    ungrouped = padding_efficiency(token_sampler(inp, lab, group_by_length=False), inp, lab, 256)
+    assert ungrouped[1] < decoder - 0.15 and ungrouped[0] < encoder
+
+
+def test_token_budget_without_grouping_keeps_the_shuffled_order():
+    inp, lab = lfqa_like_lengths(300)
+    sampler = token_sampler(inp, lab, group_by_length=False, shuffle=False)
+    assert [i for b in sampler for i in b] == list(range(300))
+    assert all(sampler.batch_tokens(b) <= 4096 or len(b) == 1 for b in sampler)
+
+
+def test_fixed_and_token_batches_tell_accelerate_their_size():
+    inp, lab = lengths(50)
+    assert LengthGroupedBatchSampler(inp, lab, 4).batch_size == 4
+    # None is accelerate's "batches of varying size": it then keeps every round instead of dropping short ones.
+    assert LengthGroupedBatchSampler(inp, lab, 4, max_tokens=2048).batch_size is None
+    with pytest.raises(ValueError, match="max_tokens"):
+        LengthGroupedBatchSampler(inp, lab, 4, max_tokens=0)
+
+
+@pytest.mark.parametrize("rows", [200, 201, 333])
+def test_token_budget_rank_split_through_accelerate_drops_nothing(rows):
+    from accelerate.data_loader import BatchSamplerShard
+
+    inp, lab = lfqa_like_lengths(rows, seed=rows)
+    for seed in range(5):
+        sampler = token_sampler(inp, lab, seed=seed)
+        batches = list(sampler)
+        shards = [BatchSamplerShard(sampler, num_processes=2, process_index=r) for r in (0, 1)]
+        taken = [list(s) for s in shards]
+        # Equal batch counts per rank (no rank waits for a collective the other never joins), every row trained.
+        assert len(taken[0]) == len(taken[1]) == len(shards[0]) == -(-len(batches) // 2)
+        assert {i for t in taken for b in t for i in b} == set(range(rows))
+        assert taken[0][: len(batches) // 2] == batches[0::2][: len(batches) // 2]

@@ -219,3 +219,20 @@ def test_plot_draws_the_curves_of_a_run(trained, tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(PlotError, match=r"metrics.jsonl:2: line is not valid JSON"):
         read_metrics(tmp_path)
+
+
+def test_token_budget_batches_train(tmp_path):
+    """data.max_tokens_per_batch: batches hold as many rows as fit the budget (here up to 8), not a fixed 4."""
+    run_dir = tmp_path / "run"
+    args = ["jobs/tiny-cpu.yaml", f"output.dir={run_dir}", "train.max_steps=4", "data.batch_size=8",
+            "data.max_tokens_per_batch=3000", "eval.at_start=false", "eval.max_generate_samples=2",
+            "data.max_eval_samples=4", "tracking.log_every_steps=1", "tracking.progress_bar=false",
+            *cache_overrides(tmp_path)]
+    proc = run_single(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batches of up to 8 rows and 3000 tokens per process" in proc.stdout + proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = summary["ranks"]["rows_seen_per_rank_epoch0"][0]
+    assert rows != 16 and 4 <= rows <= 32  # 4 steps, neither the fixed 4 rows each nor more than 8
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/answer_padding_efficiency"] > 0.5 for r in records if "train/loss" in r)
