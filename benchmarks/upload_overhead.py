@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answer-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    parser.add_argument("--in-process", action="store_true",
+                        help="upload on a thread of the training process instead of lfqa's low-priority child "
+                             "process (to see what isolation buys)")
     args = parser.parse_args(argv)
 
     import torch
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="lfqa-upload-bench-") as tmp:
             payload = Path(tmp) / "checkpoint"
             make_payload(payload, args.payload_mb)
-            uploader = BackgroundUploader(store)
+            uploader = BackgroundUploader(store, isolate=not args.in_process)
             for block in range(args.blocks):
                 quiet += [step() for _ in range(args.min_steps)]
                 started = time.perf_counter()
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         "| | steps | median step (s) | mean step (s) |",
         "| --- | ---: | ---: | ---: |",
         f"| no upload | {len(quiet)} | {statistics.median(quiet):.3f} | {statistics.mean(quiet):.3f} |",
-        f"| during a {args.payload_mb} MB background upload ({args.workers} workers) | {len(loaded)} | "
+        f"| during a {args.payload_mb} MB background upload ({args.workers} workers, "
+        f"{'a thread of the training process' if args.in_process else 'a child process at nice 19'}) | {len(loaded)} | "
         f"{statistics.median(loaded):.3f} | {statistics.mean(loaded):.3f} |",
         "",
         f"Step time ratio (upload / none, medians): **{ratio:.3f}** (target <= 1.05). "

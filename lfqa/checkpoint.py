@@ -232,7 +232,8 @@ class CheckpointManager:
         if remote is not None and accelerator.is_local_main_process:
             from lfqa.storage import BackgroundUploader
 
-            self.uploader = BackgroundUploader(remote, on_done=self._after_upload)
+            # In a low-priority child process: the upload never takes CPU or the GIL from training.
+            self.uploader = BackgroundUploader(remote, on_done=self._after_upload, isolate=True)
 
     # --- saving -----------------------------------------------------------------------------------------
 

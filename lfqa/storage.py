@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -263,6 +265,7 @@ class S3Store:
         # Resolved once here (the client would do the same) so that error messages can redact them.
         self._credentials = self._session.get_credentials()
         self._endpoint_url = endpoint_url  # None: botocore's own lookup (AWS_ENDPOINT_URL, profile, AWS)
+        self._region = region
         self._s3_options: dict | None = None
         self._client = self._make_client(max_attempts, connect_timeout, read_timeout, max_pool=self.workers + 2)
         self.endpoint = self._client.meta.endpoint_url
@@ -572,9 +575,13 @@ class BackgroundUploader:
     each upload (retention goes there).
     """
 
-    def __init__(self, store: Store, on_done: Callable[[str, bool], None] | None = None):
+    def __init__(self, store: Store, on_done: Callable[[str, bool], None] | None = None, isolate: bool = False,
+                 nice: int = 19):
         self.store = store
         self.on_done = on_done
+        # isolate: each upload runs in a child process at the lowest CPU priority (see upload_in_child).
+        self.isolate = isolate and isinstance(store, S3Store)
+        self.nice = nice
         self.errors: list[str] = []
         self.completed: list[str] = []
         self._cond = threading.Condition()
@@ -625,7 +632,10 @@ class BackgroundUploader:
                 local_dir, remote_subpath, marker, exclude = self._job
             ok = False
             try:
-                self.store.upload_dir(local_dir, remote_subpath, marker, exclude=exclude)
+                if self.isolate:
+                    upload_in_child(self.store, local_dir, remote_subpath, marker, exclude, self.nice)
+                else:
+                    self.store.upload_dir(local_dir, remote_subpath, marker, exclude=exclude)
                 ok = True
                 self.completed.append(remote_subpath)
             except Exception as e:  # reported, never raised into training
@@ -722,3 +732,46 @@ def _remote_listing(store: S3Store, uri: str, key: str) -> dict:
 
 __all__ = ["BackgroundUploader", "LocalStore", "S3Store", "Store", "StorageError", "open_store", "parse_s3_uri",
            "stage_s3_uri"]
+
+
+# ---------------------------------------------------------------------------------------------------------- isolation
+
+
+def upload_in_child(store: S3Store, local_dir: str | Path, remote_subpath: str, marker: str | None,
+                    exclude: tuple[str, ...] = (), nice: int = 19) -> None:
+    """``store.upload_dir`` in a child process at the lowest CPU priority.
+
+    A thread in the training process would share its GIL (boto3 signs, hashes and reads in Python) and its
+    cores at equal priority: on a busy machine every step slows down while a checkpoint uploads. A child
+    process at nice 19 gets CPU only when training leaves some. Credentials reach it through the inherited
+    environment, never the command line; its error comes back as one StorageError line.
+    """
+    spec = {"uri": store.uri, "endpoint_url": store._endpoint_url, "region": store._region,
+            "workers": store.workers, "local_dir": str(local_dir), "remote_subpath": remote_subpath,
+            "marker": marker, "exclude": list(exclude)}
+    proc = subprocess.run([sys.executable, "-m", "lfqa.storage", "upload-dir"], input=json.dumps(spec),
+                          capture_output=True, text=True, preexec_fn=lambda: os.nice(nice))
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise StorageError(lines[-1] if lines else f"upload process for {store.url(remote_subpath)} exited "
+                           f"with status {proc.returncode}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lfqa.storage upload-dir`` with a JSON spec on standard input (used by upload_in_child)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv != ["upload-dir"]:
+        print("usage: python -m lfqa.storage upload-dir < spec.json", file=sys.stderr)
+        return 2
+    spec = json.loads(sys.stdin.read())
+    try:
+        store = open_store(spec["uri"], spec["endpoint_url"], spec["region"], spec["workers"])
+        store.upload_dir(spec["local_dir"], spec["remote_subpath"], spec["marker"], exclude=tuple(spec["exclude"]))
+    except StorageError as err:
+        print(str(err).replace("\n", " "), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -382,3 +382,29 @@ def test_fault_proxy_is_reusable_standalone(moto_server, s3_env, tmp_path):
         proxy.heal()
         store.write_text("x.txt", "x")
         assert store.read_text("x.txt") == "x"
+
+
+def test_isolated_upload_runs_in_a_low_priority_child_and_reports_its_errors(moto_server, s3_env, tmp_path):
+    from lfqa.storage import BackgroundUploader, S3Store
+
+    folder = tmp_path / "ckpt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 256)
+    (folder / "COMPLETE").write_text("{}")
+    bucket = moto_server.make_bucket()
+    uploader = BackgroundUploader(S3Store(f"s3://{bucket}/run", endpoint_url=moto_server.endpoint), isolate=True)
+    uploader.submit(folder, "checkpoints/step-00000001", marker="COMPLETE")
+    assert uploader.wait(60) and not uploader.errors
+    s3 = moto_server.client()
+    body = s3.get_object(Bucket=bucket, Key="run/checkpoints/step-00000001/sub/weights.bin")["Body"].read()
+    assert body == (folder / "sub" / "weights.bin").read_bytes()
+    assert s3.head_object(Bucket=bucket, Key="run/checkpoints/step-00000001/COMPLETE")
+    uploader.close(10)
+
+    failing = BackgroundUploader(S3Store("s3://no-such-bucket-for-lfqa/run", endpoint_url=moto_server.endpoint),
+                                 isolate=True)
+    failing.submit(folder, "checkpoints/step-00000002", marker="COMPLETE")
+    assert failing.wait(60)
+    assert len(failing.errors) == 1 and "no-such-bucket-for-lfqa" in failing.errors[0]
+    assert "\n" not in failing.errors[0] and s3_env["AWS_SECRET_ACCESS_KEY"] not in failing.errors[0]
+    failing.close(10)
