@@ -104,7 +104,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def measure(case: str, checkpointing: bool, dtype: str = "fp32", steps: int = 2) -> dict:
+def measure(case: str, checkpointing: bool, dtype: str = "fp32", steps: int = 2, attention: str = "sdpa") -> dict:
     """Train ``steps`` measured steps (after one warm-up step) and return the peaks in bytes.
 
     ``dtype="bf16"`` casts the whole model to bfloat16 (as a DeepSpeed bf16 engine does; no autocast), to
@@ -114,6 +114,7 @@ def measure(case: str, checkpointing: bool, dtype: str = "fp32", steps: int = 2)
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import LEDForConditionalGeneration
 
+    from lfqa.led_attention import set_encoder_attention
     from lfqa.modeling import enable_gradient_checkpointing
 
     fields, batch, input_tokens, answer_tokens, global_tokens = CASES[case]
@@ -151,6 +152,7 @@ def measure(case: str, checkpointing: bool, dtype: str = "fp32", steps: int = 2)
     rss_reset = reset_peak_rss()
 
     model = LEDForConditionalGeneration(config)
+    set_encoder_attention(model, attention)  # as lfqa's loader does (model.encoder_attention)
     if dtype == "bf16":
         model.to(torch.bfloat16)
     model.train()
@@ -199,7 +201,8 @@ def measure(case: str, checkpointing: bool, dtype: str = "fp32", steps: int = 2)
     seconds = (time.perf_counter() - start) / steps
     peak_rss = _status_kib("VmHWM") * 1024 if rss_reset else None
     return {
-        "case": case, "checkpointing": checkpointing, "dtype": dtype, "batch": batch, "input_tokens": input_tokens,
+        "case": case, "checkpointing": checkpointing, "dtype": dtype, "attention": attention,
+        "batch": batch, "input_tokens": input_tokens,
         "answer_tokens": answer_tokens, "global_tokens": global_tokens, "config": fields,
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_allocated": tracker.peak - base, "peak_phase": tracker.peak_phase,
@@ -212,7 +215,7 @@ def measure(case: str, checkpointing: bool, dtype: str = "fp32", steps: int = 2)
 # --- estimating and comparing (in the parent) -----------------------------------------------------------
 
 
-def plan_estimate(case: str, checkpointing: bool, dtype: str = "fp32") -> dict:
+def plan_estimate(case: str, checkpointing: bool, dtype: str = "fp32", attention: str = "sdpa") -> dict:
     """The plan's numbers for the same run: one process, PyTorch AdamW, on CPU.
 
     fp32 goes through the plan's own "1 GPU" layout (``model_states`` with ``device="cpu"``). A bf16 model
@@ -232,7 +235,7 @@ def plan_estimate(case: str, checkpointing: bool, dtype: str = "fp32") -> dict:
     )
 
     fields, batch, input_tokens, answer_tokens, global_tokens = CASES[case]
-    shape = shape_from_led_config(led_config(fields), case)
+    shape = shape_from_led_config(led_config(fields), case, encoder_attention=attention)
     workload = Workload(batch_size=batch, input_tokens=input_tokens, answer_tokens=answer_tokens,
                         global_tokens=global_tokens)
     if dtype == "fp32":
@@ -250,17 +253,18 @@ def plan_estimate(case: str, checkpointing: bool, dtype: str = "fp32") -> dict:
             "model_states": states.params + states.grads + states.optimizer}
 
 
-def run_case(case: str, checkpointing: bool, dtype: str = "fp32") -> dict:
+def run_case(case: str, checkpointing: bool, dtype: str = "fp32", attention: str = "sdpa") -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", case, "--dtype", dtype]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", case, "--dtype", dtype,
+           "--encoder-attention", attention]
     if checkpointing:
         cmd.append("--checkpointing")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{case}: measuring failed:\n{done.stderr[-3000:]}")
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    measured["estimate"] = plan_estimate(case, checkpointing, dtype)
+    measured["estimate"] = plan_estimate(case, checkpointing, dtype, attention)
     measured["error"] = measured["estimate"]["peak"] / measured["peak_allocated"] - 1
     measured["error_rss"] = (measured["estimate"]["peak"] / measured["peak_rss"] - 1) if measured["peak_rss"] else None
     measured["error_saved"] = measured["estimate"]["saved_after_forward"] / measured["saved_after_forward"] - 1
@@ -299,25 +303,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpointing-only", choices=["on", "off"], help="only with / without checkpointing")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], action="append",
                         help="model dtype (repeatable; default: fp32 for every case, bf16 for BF16_CASES)")
+    parser.add_argument("--encoder-attention", choices=["sdpa", "eager"], default="sdpa",
+                        help="LED encoder attention, as model.encoder_attention (default: sdpa, lfqa's default)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON, write no file")
     parser.add_argument("--measure", choices=sorted(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:  # child process
-        print(json.dumps(measure(args.measure, args.checkpointing, (args.dtype or ["fp32"])[0])))
+        print(json.dumps(measure(args.measure, args.checkpointing, (args.dtype or ["fp32"])[0],
+                                 attention=args.encoder_attention)))
         return 0
     sys.path.insert(0, str(ROOT))
     cases = args.case or list(CASES)
     modes = {"on": [True], "off": [False]}.get(args.checkpointing_only, [False, True])
     runs = [(case, dtype) for dtype in (args.dtype or ["fp32", "bf16"]) for case in cases
             if args.dtype or dtype == "fp32" or case in BF16_CASES]
-    results = [run_case(case, ckpt, dtype) for case, dtype in runs for ckpt in modes]
+    results = [run_case(case, ckpt, dtype, args.encoder_attention) for case, dtype in runs for ckpt in modes]
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
     text = table(results)
     print(text)
-    if not args.case and not args.checkpointing_only and not args.dtype:
+    if not args.case and not args.checkpointing_only and not args.dtype and args.encoder_attention == "sdpa":
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(report(text, results))
         print(f"written to {RESULTS.relative_to(ROOT)}")

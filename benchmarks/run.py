@@ -46,7 +46,12 @@ VARIANTS = {
     "a": "seed recipe: Seq2SeqTrainer, pad to 8192/512, batch 2, grad. checkpointing",
     "b": "tuned Trainer: dynamic padding, group_by_length, batch 2",
     "c": "lfqa loop: window buckets + answer sort, token budget",
+    "d": "c without lfqa's speed-ups: transformers' LED attention, for-loop AdamW, glibc returns freed memory",
 }
+# d is an ablation (--variants abcd): what c gains from model.encoder_attention=sdpa, train.fused_optimizer
+# and train.cpu_keep_freed_memory, against the same loop and batching.
+ABLATION = {"model": {"encoder_attention": "eager"},
+            "train": {"fused_optimizer": False, "cpu_keep_freed_memory": False}}
 SEED_MAX_INPUT, SEED_MAX_ANSWER = 8192, 512
 MAX_ANSWER_TOKENS = 512
 LED_VOCAB = 50265  # allenai/led-base-16384's vocabulary: the LM head and embeddings cost what they cost there
@@ -106,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cpu (default) or cuda: one GPU, which the variants share, taking turns")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="the same for every variant (default: fp32)")
-    parser.add_argument("--variants", default="abc", help="which of a, b, c to run (default: abc)")
+    parser.add_argument("--variants", default="abc",
+                        help="which of a, b, c, d to run (default: abc; d is c's ablation)")
     parser.add_argument("--max-tokens", type=_positive, default=None,
                         help="lfqa's token budget per batch (default: the preset's)")
     parser.add_argument("--max-batch-size", type=_positive, default=None,
@@ -424,7 +430,7 @@ def run_trainer_variant(spec: dict, variant: str) -> dict:
     }
 
 
-def run_lfqa_variant(spec: dict, variant: str = "c") -> dict:
+def run_lfqa_variant(spec: dict, variant: str = "c") -> dict:  # c, or d: c with ABLATION's settings
     """lfqa's real entry point, on a job file that points at the synthetic rows and the saved model."""
     import yaml
 
@@ -436,7 +442,7 @@ def run_lfqa_variant(spec: dict, variant: str = "c") -> dict:
     work = Path(spec["work"])
     run_dir = work / f"run-{variant}"
     job_file = work / f"job-{variant}.yaml"
-    job_file.write_text(yaml.safe_dump({
+    job = {
         "model": {"name_or_path": spec["model_dir"], "gradient_checkpointing": False},
         "data": {"train_files": [spec["train_file"]], "validation_files": [spec["validation_file"]],
                  "max_answer_tokens": MAX_ANSWER_TOKENS, "max_input_tokens": 16384, "global_attention": "question",
@@ -452,7 +458,11 @@ def run_lfqa_variant(spec: dict, variant: str = "c") -> dict:
         "checkpoint": {"resume": "never"},
         # One log record, at the last step: lfqa's token counts and padding efficiencies over the whole epoch.
         "tracking": {"log_every_steps": 1_000_000, "progress_bar": False, "wandb": {"mode": "disabled"}},
-    }, sort_keys=False))
+    }
+    if variant == "d":
+        for section, values in ABLATION.items():
+            job[section].update(values)
+    job_file.write_text(yaml.safe_dump(job, sort_keys=False))
     job = load_job(job_file)
     turns = Turns(spec["device"] == "cuda")
     _hook_sampler(lfqa.data, turns)
@@ -499,7 +509,7 @@ def memory(baseline: int, cuda: bool) -> dict:
 
 def worker_main(variant: str, work: Path) -> None:
     spec = json.loads((work / "spec.json").read_text())
-    result = run_lfqa_variant(spec) if variant == "c" else run_trainer_variant(spec, variant)
+    result = run_lfqa_variant(spec, variant) if variant in "cd" else run_trainer_variant(spec, variant)
     (work / f"result-{variant}.json").write_text(json.dumps(result, indent=1))
 
 
@@ -638,7 +648,7 @@ def expected_steps(spec: dict, variants: list[str]) -> dict[str, int]:
     lengths = json.loads((Path(spec["work"]) / "lengths.json").read_text())
     out = {"a": -(-spec["seed_samples"] // spec["trainer_batch_size"]),
            "b": -(-len(lengths["input"]) // spec["trainer_batch_size"])}
-    out["c"] = len(LengthGroupedBatchSampler(lengths["input"], lengths["answer"], spec["max_batch_size"],
+    out["c"] = out["d"] = len(LengthGroupedBatchSampler(lengths["input"], lengths["answer"], spec["max_batch_size"],
                                              window=spec["window"], seed=spec["seed"],
                                              max_tokens=spec["max_tokens"]))
     return {v: max(1, out[v]) for v in variants}
@@ -720,7 +730,7 @@ def render(args, preset: Preset, spec: dict, results: dict, context: dict) -> st
                f"{flops / 1e12:.3f}"] + ([f"{flops / 1e12 / peak:.1%}"] if peak else [])
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    for num, den in (("c", "a"), ("c", "b"), ("b", "a")):
+    for num, den in (("c", "a"), ("c", "b"), ("b", "a"), ("c", "d"), ("d", "b")):
         if num in results and den in results:
             rn, rd = results[num], results[den]
             ratio = (rn["samples"] / rn["seconds"]) / (rd["samples"] / rd["seconds"])

@@ -122,8 +122,10 @@ def prune(store, keep_last: int, keep_best: int, metric: str, mode: str, log=pri
 
 # Settings that may change between a checkpoint and the job resuming it: where things go, how often to
 # checkpoint, log and evaluate, and how long to train (extending a finished run is a resume).
+# model.encoder_attention: the two implementations compute the same function with the same weights.
 _MAY_CHANGE = ("output.", "checkpoint.", "tracking.", "eval.", "train.max_steps", "train.epochs",
-               "model.cache_dir", "data.cache_dir", "data.max_eval_samples", "data.validation")
+               "model.cache_dir", "model.encoder_attention", "data.cache_dir", "data.max_eval_samples",
+               "data.validation")
 
 
 def changed_settings(saved_job: Path, job) -> list[str]:

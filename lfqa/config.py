@@ -77,9 +77,15 @@ class ModelConfig:
     """Where the tiny model is built (once per shape and data)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 20-30% more compute."""
+    encoder_attention: str = "sdpa"
+    """LED's encoder self-attention: ``sdpa`` (lfqa's blocks of torch's fused attention kernel: the same
+    weights and results, ~2x faster attention, no materialised probabilities) or ``eager`` (transformers'
+    own sliding chunks). Non-LED models ignore it."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
+        _check(self.encoder_attention in ("sdpa", "eager"), "model.encoder_attention",
+               f"must be sdpa or eager, not {self.encoder_attention!r}")
 
 
 @dataclass
@@ -178,6 +184,13 @@ class TrainConfig:
     """Clip the global gradient norm to this value; null disables clipping."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Mixed precision through accelerate (bf16 works on CPUs and Ampere+ GPUs)."""
+    fused_optimizer: bool = True
+    """AdamW's fused kernel (``torch.optim.AdamW(fused=True)``) on CPU and CUDA: one pass over all
+    parameters instead of a loop of small operations per parameter. Not under DeepSpeed (its own optimizer,
+    or the for-loop AdamW, which resumes bit-exactly inside ZeRO)."""
+    cpu_keep_freed_memory: bool = True
+    """On CPU (glibc), keep freed memory in the process instead of handing it back to the kernel after
+    every step (``mallopt``): steps ~10% faster, resident memory higher (the heap keeps its high-water mark)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0")

@@ -160,8 +160,12 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
         raise ModelLoadError(f"cannot load a tokenizer from '{name_or_path}': {_first_line(err)}") from None
 
 
-def load_model(name_or_path: str, revision: str | None = None):
+def load_model(name_or_path: str, revision: str | None = None, encoder_attention: str = "sdpa"):
+    """The model through ``AutoModelForSeq2SeqLM``; LED's encoder attention per ``encoder_attention``
+    (``sdpa``: lfqa.led_attention, ``eager``: transformers')."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    from lfqa.led_attention import set_encoder_attention
 
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
@@ -175,13 +179,14 @@ def load_model(name_or_path: str, revision: str | None = None):
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the model from '{name_or_path}': {_first_line(err)}") from None
     check_decoder_start(model)
+    set_encoder_attention(model, encoder_attention)
     return model
 
 
 def load_model_and_tokenizer(model_cfg: ModelConfig):
     path = resolve_model_path(model_cfg)
     tokenizer = load_tokenizer(path, model_cfg.revision)
-    model = load_model(path, model_cfg.revision)
+    model = load_model(path, model_cfg.revision, model_cfg.encoder_attention)
     return model, tokenizer
 
 

@@ -122,13 +122,15 @@ class ModelShape:
     decoder_layer_parameters: int
     parameter_sizes: tuple[int, ...] = field(repr=False, default=())
     """Element count of every parameter (ZeRO-3 keeps those below its persistence threshold whole)."""
+    encoder_attention: str = "sdpa"
+    """``model.encoder_attention``: lfqa's blocked SDPA attention or transformers' ``eager`` one."""
 
     def persistent_parameters(self, threshold: int) -> int:
         """Parameters that ZeRO-3 does not shard: those with at most ``threshold`` elements."""
         return sum(n for n in self.parameter_sizes if n <= threshold)
 
 
-def shape_from_led_config(config, name: str) -> ModelShape:
+def shape_from_led_config(config, name: str, encoder_attention: str = "sdpa") -> ModelShape:
     """Count the parameters of an ``LEDConfig`` on the meta device: exact, instant, no memory used."""
     import torch
     from transformers import LEDForConditionalGeneration
@@ -162,7 +164,7 @@ def shape_from_led_config(config, name: str) -> ModelShape:
         decoder_embedding_parameters=blocks.get("decoder.embedding", 0),
         encoder_layer_parameters=blocks.get("encoder.layer.0", 0),
         decoder_layer_parameters=blocks.get("decoder.layer.0", 0),
-        parameter_sizes=tuple(sizes),
+        parameter_sizes=tuple(sizes), encoder_attention=encoder_attention,
     )
 
 
@@ -341,7 +343,9 @@ def encoder_layer_stages(m: ModelShape, w: Workload, t: TensorBytes) -> list[Sta
     P = B*H*L (token, head) pairs. Read from ``LEDEncoderSelfAttention`` in transformers 5.23 and checked
     tensor by tensor with ``saved_tensors_hooks`` (``benchmarks/plan_memory.py`` compares the sums).
     """
-    B, L, d, H, F, G = w.batch_size, w.input_tokens, m.d_model, m.encoder_heads, m.encoder_ffn, w.global_tokens
+    if m.encoder_attention == "sdpa":
+        return [sdpa_encoder_attention_stage(m, w, t), encoder_ffn_stage(m, w, t)]
+    B, L, d, H, G = w.batch_size, w.input_tokens, m.d_model, m.encoder_heads, w.global_tokens
     h = m.attention_window // 2
     BLd, P = B * L * d, B * H * L
     c, half = t.compute, t.compute != 4
@@ -398,7 +402,51 @@ def encoder_layer_stages(m: ModelShape, w: Workload, t: TensorBytes) -> list[Sta
         # the value chunks' gradient through as_strided's backward (int64 index of 3 x the value, as above)
         backward_temporary=max(2 * diag + band, diag + BLd * (4 * c + 32)),
     )
-    ffn = Stage(
+    return [qk, softmax, pv, encoder_ffn_stage(m, w, t)]
+
+
+def sdpa_encoder_attention_stage(m: ModelShape, w: Workload, t: TensorBytes) -> Stage:
+    """``lfqa.led_attention.SdpaLEDEncoderSelfAttention``: query blocks of b tokens (``block_layout``)
+    against their b + 2h local keys plus the global slots, one fused SDPA call that keeps its output and
+    log-sum-exp but not the probabilities. Checked tensor by tensor like the eager stages."""
+    from lfqa.led_attention import block_layout
+
+    B, L, d, H, G = w.batch_size, w.input_tokens, m.d_model, m.encoder_heads, w.global_tokens
+    h = m.attention_window // 2
+    BLd, c = B * L * d, t.compute
+    b, slots, Lp = block_layout(L, h, G)  # Lp: L padded to whole blocks
+    S = slots + b + 2 * h
+    blocks = B * (Lp // b) * S * d * c  # keys (or values) of every block, global slots included
+    saved = {
+        # query/key/value/key_global/value_global read the same (B, L, d) input: one tensor, or under
+        # autocast one 16-bit copy per projection
+        "projection inputs": 5 * BLd * t.amp_copy if t.autocast else BLd * c,
+        "query blocks, output": 2 * B * Lp * d * c,
+        "key and value blocks": 2 * blocks,
+        # SDPA turns the boolean mask into an additive one of the query's dtype and keeps it
+        "block masks": B * Lp * S * c,
+        "log-sum-exp": B * H * Lp * 4,
+        "global keys and values": 2 * BLd * c,
+        "global queries": B * slots * d * (3 * c) + B * L * c + B * H * slots * 4,
+        "output projection input": BLd * c,
+    }
+    if m.attention_dropout > 0:  # no fused kernel with dropout on CPU: the math path keeps the probabilities
+        saved["attention probabilities and dropout mask"] = B * H * Lp * S * (c + t.mask)
+    return Stage(
+        "blocked SDPA self-attention (model.encoder_attention: sdpa)",
+        saved,
+        # the padded keys/values and the three-block concatenation before the global slots join; masks
+        forward_temporary=2 * (B * Lp * d * c + blocks * (b + 2 * h) / S) + 3 * B * Lp * S,
+        # gradients of the key and value blocks, then their sums back onto (B, L, d) and the projections
+        backward_temporary=2 * blocks + 4 * BLd * c,
+    )
+
+
+def encoder_ffn_stage(m: ModelShape, w: Workload, t: TensorBytes) -> Stage:
+    B, L, d, F = w.batch_size, w.input_tokens, m.d_model, m.encoder_ffn
+    BLd = B * L * d
+    c = t.compute
+    return Stage(
         "residual, layer norms and feed-forward",
         {
             "residual dropout masks (2)": 2 * BLd * t.mask if m.dropout > 0 else 0,
@@ -411,7 +459,6 @@ def encoder_layer_stages(m: ModelShape, w: Workload, t: TensorBytes) -> list[Sta
         forward_temporary=2 * BLd * t.stream,
         backward_temporary=2 * B * L * F * c,  # gradients of the fc2 input and of the GELU input
     )
-    return [qk, softmax, pv, ffn]
 
 
 def decoder_layer_stages(m: ModelShape, w: Workload, t: TensorBytes) -> list[Stage]:
@@ -457,8 +504,11 @@ def decoder_layer_stages(m: ModelShape, w: Workload, t: TensorBytes) -> list[Sta
     return [attention(A, self_inputs, "self-attention"), attention(L, cross_inputs, "cross-attention"), ffn]
 
 
-def encoder_mask_bytes(w: Workload, t: TensorBytes) -> tuple[float, float]:
+def encoder_mask_bytes(w: Workload, t: TensorBytes, m: ModelShape | None = None) -> tuple[float, float]:
     """(transient, kept) bytes of LED's encoder attention mask.
+
+    With ``model.encoder_attention: sdpa`` lfqa builds the mask per row (``lfqa.led_attention``): four
+    B x L tensors, one of them kept. Otherwise (transformers' own code):
 
     ``LEDEncoder.forward`` calls ``_prepare_4d_attention_mask_inverted``, which expands the (B, L) mask to
     (B, 1, L, L) in the embeddings' dtype and then takes row 0: four such B x L x L tensors exist at once
@@ -466,7 +516,8 @@ def encoder_mask_bytes(w: Workload, t: TensorBytes) -> tuple[float, float]:
     encoder forward - and, with gradient checkpointing, until the encoder's backward has finished, because
     each checkpointed layer keeps its arguments. At 16k tokens these are the largest tensors of the step.
     """
-    one = w.batch_size * w.input_tokens * w.input_tokens * t.embed
+    per_row = m is not None and m.encoder_attention == "sdpa"
+    one = w.batch_size * w.input_tokens * (1 if per_row else w.input_tokens) * t.embed
     return 4 * one, one
 
 
@@ -701,7 +752,7 @@ def saved_after_forward(m: ModelShape, w: Workload, t: TensorBytes, checkpointin
     if checkpointing:
         layers = (m.encoder_layers * layer_input_bytes(m, w, t, w.input_tokens)
                   + m.decoder_layers * layer_input_bytes(m, w, t, w.answer_tokens)
-                  + layer_input_bytes(m, w, t, w.input_tokens) + encoder_mask_bytes(w, t)[1])
+                  + layer_input_bytes(m, w, t, w.input_tokens) + encoder_mask_bytes(w, t, m)[1])
     else:
         layers = (m.encoder_layers * layer_memory(encoder_layer_stages(m, w, t)).saved
                   + m.decoder_layers * layer_memory(decoder_layer_stages(m, w, t)).saved
@@ -747,7 +798,7 @@ def walk_step(m: ModelShape, w: Workload, t: TensorBytes, states: ModelStates, c
     enc = layer_memory(encoder_layer_stages(m, w, t))
     dec = layer_memory(decoder_layer_stages(m, w, t))
     head_fwd, head_bwd = head_temporaries(m, w, t)
-    mask_transient, mask_kept = encoder_mask_bytes(w, t)
+    mask_transient, mask_kept = encoder_mask_bytes(w, t, m)
     enc_in = layer_input_bytes(m, w, t, L)
     dec_in = layer_input_bytes(m, w, t, A)
     enc_emb = embedding_saved(m, w, t, L)
@@ -767,7 +818,7 @@ def walk_step(m: ModelShape, w: Workload, t: TensorBytes, states: ModelStates, c
 
     # forward
     inputs_embeds = w.batch_size * L * m.d_model * t.embed
-    bump("forward, encoder attention mask (B x L x L)", inputs_embeds + mask_transient)
+    bump("forward, encoder attention mask", inputs_embeds + mask_transient)
     live += enc_emb + mask_kept
     for i in range(m.encoder_layers):
         bump(f"forward, encoder layer {i + 1}", enc.forward_peak)
@@ -825,10 +876,10 @@ def eval_peak(m: ModelShape, w: Workload, e: EvalWorkload, t: TensorBytes, state
                                                                              else states.grads)
     ew = replace(w, batch_size=e.batch_size)
     L, d, c = w.input_tokens, m.d_model, t.compute
-    mask_transient, mask_kept = encoder_mask_bytes(ew, t)
+    mask_transient, mask_kept = encoder_mask_bytes(ew, t, m)
     rows = e.batch_size * e.num_beams
     phases = {
-        "evaluation, encoder attention mask (B x L x L)": e.batch_size * L * d * t.embed + mask_transient,
+        "evaluation, encoder attention mask": e.batch_size * L * d * t.embed + mask_transient,
         "evaluation, encoder layer": mask_kept + e.batch_size * L * d * t.stream
         + layer_memory(encoder_layer_stages(m, ew, t)).forward_peak,
         "evaluation, decoder layer": e.batch_size * L * d * t.stream
@@ -904,7 +955,8 @@ def make_plan(job: JobConfig, job_path: str, gpus: int, gpu_memory_gib: float, n
     if gpus % nodes:
         raise PlanError(f"--gpus {gpus} is not a multiple of --nodes {nodes}")
     if shape is None:
-        shape = shape_from_led_config(led_config_for_job(job, model_config), job.model.name_or_path)
+        shape = shape_from_led_config(led_config_for_job(job, model_config), job.model.name_or_path,
+                                      job.model.encoder_attention)
     workload = workload_for_job(job, shape, input_tokens, global_tokens)
     generation = job.eval.generation
     evaluation = EvalWorkload(job.eval.batch_size, generation.num_beams,

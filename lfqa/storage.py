@@ -748,9 +748,12 @@ def upload_in_child(store: S3Store, local_dir: str | Path, remote_subpath: str, 
     """
     spec = {"uri": store.uri, "endpoint_url": store._endpoint_url, "region": store._region,
             "workers": store.workers, "local_dir": str(local_dir), "remote_subpath": remote_subpath,
-            "marker": marker, "exclude": list(exclude)}
+            "marker": marker, "exclude": list(exclude), "nice": nice}
+    # The child lowers its own priority: a preexec_fn would make subprocess fork() the training process,
+    # which fails with ENOMEM once that process maps more than the kernel's overcommit heuristic allows
+    # (tens of GB of untouched buffers are common); without one, subprocess uses vfork.
     proc = subprocess.run([sys.executable, "-m", "lfqa.storage", "upload-dir"], input=json.dumps(spec),
-                          capture_output=True, text=True, preexec_fn=lambda: os.nice(nice))
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         raise StorageError(lines[-1] if lines else f"upload process for {store.url(remote_subpath)} exited "
@@ -764,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m lfqa.storage upload-dir < spec.json", file=sys.stderr)
         return 2
     spec = json.loads(sys.stdin.read())
+    os.nice(spec.get("nice", 0))
     try:
         store = open_store(spec["uri"], spec["endpoint_url"], spec["region"], spec["workers"])
         store.upload_dir(spec["local_dir"], spec["remote_subpath"], spec["marker"], exclude=tuple(spec["exclude"]))

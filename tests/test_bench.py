@@ -8,29 +8,30 @@ import subprocess
 import sys
 
 import numpy as np
+import yaml
 from conftest import ROOT, lfqa_env
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
     rows = {}
     for line in text.splitlines():
-        match = re.match(r"\| ([abc]): ", line)
+        match = re.match(r"\| ([abcd]): ", line)
         if match:
             rows[match.group(1)] = [cell.strip() for cell in line.strip().strip("|").split("|")]
     return rows
 
 
-def test_bench_runs_the_three_variants_and_reports_sane_numbers(tmp_path):
+def test_bench_runs_the_variants_and_reports_sane_numbers(tmp_path):
     out, work = tmp_path / "bench.md", tmp_path / "work"
     cmd = [sys.executable, "benchmarks/run.py", "--preset", "tiny", "--samples", "6", "--seed-samples", "2",
-           "--out", str(out), "--work-dir", str(work)]
+           "--out", str(out), "--work-dir", str(work), "--variants", "abcd"]
     proc = subprocess.run(cmd, cwd=ROOT, env=lfqa_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     assert text in proc.stdout  # the table is printed and written
 
     rows = table_rows(text)
-    assert sorted(rows) == ["a", "b", "c"]
+    assert sorted(rows) == ["a", "b", "c", "d"]
     header = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| variant")).strip(
         "|").split("|")]
     col = {name: header.index(name) for name in header}
@@ -55,6 +56,13 @@ def test_bench_runs_the_three_variants_and_reports_sane_numbers(tmp_path):
     assert float(value["c"]["encoder padding eff."]) == round(bound, 3)
     assert f"caps encoder efficiency at {bound:.3f}" in text
     assert float(value["c"]["decoder padding eff."]) >= float(value["b"]["decoder padding eff."])
+    # d is c's ablation: the same loop and batches, without lfqa's attention, fused AdamW and malloc setting
+    for column in ("rows", "optimizer steps", "encoder padding eff.", "decoder padding eff."):
+        assert value["d"][column] == value["c"][column]
+    job_d = yaml.safe_load((work / "job-d.yaml").read_text())
+    assert job_d["model"]["encoder_attention"] == "eager" and job_d["train"]["fused_optimizer"] is False
+    assert "encoder_attention" not in yaml.safe_load((work / "job-c.yaml").read_text())["model"]  # the default
+    assert re.search(r"\*\*c/d: \d+\.\d\dx\*\*", text)
 
     for ratio in ("c/a", "c/b"):
         assert re.search(rf"\*\*{ratio}: \d+\.\d\dx\*\* samples/s", text)

@@ -90,6 +90,8 @@ def test_impossible_values(tmp_path):
         write(tmp_path, BASE + "eval:\n  generation:\n    max_new_tokens: 10\n    min_new_tokens: 20\n"))
     assert "model.tiny.attention_window: must be an even number" in error_of(
         write(tmp_path, BASE + "model:\n  tiny:\n    attention_window: 15\n"))
+    assert "model.encoder_attention: must be sdpa or eager, not 'flash'" in error_of(
+        write(tmp_path, BASE + "model:\n  encoder_attention: flash\n"))
 
 
 def test_data_source_must_be_exactly_one(tmp_path):

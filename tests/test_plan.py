@@ -146,16 +146,24 @@ def test_a_verdict_flips_between_24_and_80_gb_for_led_base_at_16k():
     assert small.recommendation()[1] is True  # on 24 GB checkpointing is needed
 
 
-def test_activation_inventory_equals_the_tensors_pytorch_saves():
-    """Every tensor the forward pass keeps for backward, counted by storage: the plan's inventory is exact."""
+INVENTORY_SHAPE = {"B": 3, "L": 256, "A": 40, "G": 6}
+
+
+def saved_by_forward(encoder_layers: int = 2, attention: str = "eager", autocast: bool = False):
+    """A small LED's forward pass: bytes of every tensor kept for backward (by storage, weights excluded;
+    under autocast the weights' 16-bit copies excluded too), and its config."""
     from transformers import LEDConfig, LEDForConditionalGeneration
 
+    from lfqa.led_attention import set_encoder_attention
+
+    B, L, A, G = INVENTORY_SHAPE.values()
     torch.manual_seed(0)
-    config = LEDConfig(vocab_size=500, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                       decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, attention_window=16,
-                       max_encoder_position_embeddings=256, max_decoder_position_embeddings=64, pad_token_id=1)
+    config = LEDConfig(vocab_size=500, d_model=64, encoder_layers=encoder_layers, decoder_layers=2,
+                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                       decoder_ffn_dim=128, attention_window=16, max_encoder_position_embeddings=256,
+                       max_decoder_position_embeddings=64, pad_token_id=1)
     model = LEDForConditionalGeneration(config).train()
-    B, L, A, G = 3, 256, 40, 6
+    assert set_encoder_attention(model, attention) == (encoder_layers if attention == "sdpa" else 0)
     ids = torch.randint(5, 500, (B, L))
     global_mask = torch.zeros(B, L, dtype=torch.long)
     global_mask[:, :G] = 1
@@ -166,13 +174,20 @@ def test_activation_inventory_equals_the_tensors_pytorch_saves():
         return t
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), global_attention_mask=global_mask,
                      labels=torch.randint(5, 500, (B, A))).loss
-    measured = sum(n for ptr, n in saved.items() if ptr not in params)
     assert loss.requires_grad
-    shape = plan.shape_from_led_config(config, "small")
-    w = plan.Workload(batch_size=B, input_tokens=L, answer_tokens=A, global_tokens=G)
+    copies = sum(p.numel() * 2 for p in model.parameters() if p.dim() == 2) if autocast else 0
+    return sum(n for ptr, n in saved.items() if ptr not in params) - copies, config
+
+
+def test_activation_inventory_equals_the_tensors_pytorch_saves():
+    """Every tensor the forward pass keeps for backward, counted by storage: the plan's inventory is exact."""
+    measured, config = saved_by_forward(attention="eager")
+    shape = plan.shape_from_led_config(config, "small", encoder_attention="eager")
+    w = plan.Workload(batch_size=3, input_tokens=256, answer_tokens=40, global_tokens=6)
     expected = plan.saved_after_forward(shape, w, plan.tensor_bytes("fp32", "torch", "cpu"), checkpointing=False)
     assert expected == pytest.approx(measured, rel=0.02)
 
@@ -214,7 +229,7 @@ def test_cli_through_the_lfqa_command_and_json(capsys):
 
 
 def test_cli_says_what_to_change_when_nothing_fits(capsys):
-    assert plan.main([str(LED_BASE_JOB), "--gpus", "1", "--gpu-memory", "8"]) == 0
+    assert plan.main([str(LED_BASE_JOB), "--gpus", "1", "--gpu-memory", "6"]) == 0
     out = capsys.readouterr().out
     assert "Nothing fits" in out
     assert "data.batch_size=" in out or "data.max_input_tokens=" in out
@@ -263,3 +278,20 @@ def test_estimate_is_within_15_percent_of_a_measured_cpu_peak():
     for r in results:
         assert abs(r["error"]) < 0.15, r
         assert r["peak_allocated"] > 50 * 2**20  # a real measurement, not an empty one
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sdpa_encoder_layer_inventory_equals_the_tensors_pytorch_saves(autocast):
+    """lfqa's SDPA encoder attention (model.encoder_attention: sdpa, the default), fp32 and bf16 autocast:
+    what two more encoder layers save for backward, against the plan's inventory of two layers."""
+    two, config = saved_by_forward(2, "sdpa", autocast)
+    four, _ = saved_by_forward(4, "sdpa", autocast)
+    shape = plan.shape_from_led_config(config, "small", encoder_attention="sdpa")
+    eager = plan.shape_from_led_config(config, "small", encoder_attention="eager")
+    w = plan.Workload(batch_size=3, input_tokens=256, answer_tokens=40, global_tokens=6)
+    t = plan.tensor_bytes("bf16" if autocast else "fp32", "torch", "cpu")
+    layer = plan.layer_memory(plan.encoder_layer_stages(shape, w, t)).saved
+    assert 2 * layer == pytest.approx(four - two, rel=0.02)
+    assert layer < plan.layer_memory(plan.encoder_layer_stages(eager, w, t)).saved
+    if not autocast:  # the whole model, as for the eager attention above
+        assert plan.saved_after_forward(shape, w, t, checkpointing=False) == pytest.approx(two, rel=0.02)

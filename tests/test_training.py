@@ -1,6 +1,7 @@
 """End to end: the tiny job on 2 CPU processes through `accelerate launch`, as `make train` runs it."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,8 @@ def test_single_process_run_reuses_the_tokenised_cache(tmp_path):
     first = run_single(args, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "lfqa: 1 process(es)" in first.stdout + first.stderr
+    assert "encoder attention sdpa" in first.stdout + first.stderr  # the defaults
+    assert "memory: freed memory stays in the process" in first.stdout + first.stderr
     # Started over (a plain rerun would resume from the finished run's last checkpoint and only evaluate).
     second = run_single([*args, "checkpoint.resume=never"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -236,3 +239,30 @@ def test_token_budget_batches_train(tmp_path):
     assert rows != 16 and 4 <= rows <= 32  # 4 steps, neither the fixed 4 rows each nor more than 8
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["train/answer_padding_efficiency"] > 0.5 for r in records if "train/loss" in r)
+
+
+def test_planned_steps_sum_each_epochs_own_batch_count():
+    """With a token budget every epoch packs its shuffle differently: the run's length is the sum."""
+    from lfqa.data import LengthGroupedBatchSampler
+    from lfqa.train import plan_steps
+
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randint(50, 1000, (300,), generator=g).tolist()
+    answers = torch.randint(5, 300, (300,), generator=g).tolist()
+    # small sort groups (as in tiny-cpu.yaml) make the packing differ between epochs
+    sampler = LengthGroupedBatchSampler(inputs, answers, 8, window=16, seed=3, max_tokens=3000, group_size=8)
+    counts = []
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        counts.append(len(sampler))
+    assert len(set(counts)) > 1  # the premise: the count changes between epochs
+    assert plan_steps(sampler, 1, 1, epochs=5, max_steps=0) == (sum(counts), 5)
+    assert sampler.epoch == 0  # left as the loop expects it
+    # two processes and accumulation 2: per epoch ceil(ceil(batches / 2) / 2) optimizer steps
+    expected = sum(math.ceil(math.ceil(c / 2) / 2) for c in counts[:3])
+    assert plan_steps(sampler, 2, 2, epochs=3, max_steps=0)[0] == expected
+    # max_steps wins and takes as many epochs as it needs
+    assert plan_steps(sampler, 1, 1, epochs=1, max_steps=counts[0] + 1) == (counts[0] + 1, 2)
+    fixed = LengthGroupedBatchSampler(inputs, answers, 4, window=16, seed=3)
+    assert plan_steps(fixed, 1, 1, epochs=3, max_steps=0) == (3 * len(fixed), 3)
+    assert plan_steps(fixed, 1, 1, epochs=3, max_steps=2 * len(fixed) + 1) == (2 * len(fixed) + 1, 3)
