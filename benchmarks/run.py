@@ -767,7 +767,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--device cuda: no CUDA device is visible")
     preset = PRESETS[args.preset]
     date = dt.date.today().isoformat()
-    out = args.out or ROOT / "benchmarks" / "results" / f"{args.device}-{date}.md"
+    out = args.out
+    if out is None:  # a new file per run: never overwrite an earlier run (or the notes added to it)
+        out = ROOT / "benchmarks" / "results" / f"{args.device}-{date}.md"
+        n = 2
+        while out.exists():
+            out, n = out.with_name(f"{args.device}-{date}-{n}.md"), n + 1
     context = {"date": date, "command": " ".join(["python benchmarks/run.py", *(argv or sys.argv[1:])]),
                "machine": machine_line(args.device), "load_before": load_line()}
     with tempfile.TemporaryDirectory(prefix="lfqa-bench-") as tmp:

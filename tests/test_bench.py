@@ -77,3 +77,46 @@ def test_bench_help_names_the_options():
     for option in ("--samples", "--seed-samples", "--preset", "--device", "--precision", "--out", "--max-tokens"):
         assert option in proc.stdout
     assert "led-base" in proc.stdout and "make bench" in proc.stdout
+
+
+def test_longest_input_bisects_to_the_last_length_that_fits(tmp_path):
+    """benchmarks/longest_input.py on CPU: a memory budget stands for the card."""
+    out = tmp_path / "longest.md"
+    cmd = [sys.executable, "benchmarks/longest_input.py", "--preset", "tiny", "--memory-gib", "0.04",
+           "--max-positions", "2048", "--attention", "sdpa", "--checkpointing", "off", "--checkpointing", "on",
+           "--threads", "1", "--out", str(out), "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=lfqa_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    assert table in proc.stdout
+    results = json.loads(proc.stdout[len(table):])
+    assert [(r["attention"], r["checkpointing"]) for r in results] == [("sdpa", False), ("sdpa", True)]
+    window = 16
+    for r in results:
+        best = r["best"]
+        assert best is not None and best["fits"] and best["peak_gib"] <= 0.04
+        fit = [p["input_tokens"] for p in r["probes"] if p["fits"]]
+        failed = [p["input_tokens"] for p in r["probes"] if not p["fits"]]
+        assert max(fit) == best["input_tokens"] and all(n > best["input_tokens"] for n in failed)
+        # bisection ends next to a length that does not fit (or at the end of the position table)
+        assert best["input_tokens"] + window in failed or best["input_tokens"] == 2048
+        assert all(p["peak_gib"] > 0.04 for p in r["probes"] if not p["fits"])
+        row = next(line for line in table.splitlines() if line.startswith(
+            f"| sdpa | {'on' if r['checkpointing'] else 'off'} |"))
+        assert f"{best['input_tokens']:,}" in row
+    off, on = (r["best"]["input_tokens"] for r in results)
+    assert on > off  # checkpointing trades compute for length
+    assert "--memory-gib is required on CPU" in subprocess.run(
+        [sys.executable, "benchmarks/longest_input.py", "--preset", "tiny"], cwd=ROOT, env=lfqa_env(),
+        capture_output=True, text=True).stderr
+
+
+def test_profile_step_reports_the_groups_of_a_step():
+    cmd = [sys.executable, "benchmarks/profile_step.py", "--preset", "tiny", "--steps", "1", "--top", "5"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=lfqa_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shares = dict(re.findall(r"^\| ([^|`]+?) \| (\d+\.\d)% \|$", proc.stdout, re.M))
+    assert float(shares["matrix products (mm, bmm, addmm, linear)"]) > 5
+    assert float(shares["fused attention kernels (SDPA)"]) > 0  # lfqa's default attention ran
+    assert float(shares["optimizer step (AdamW, all its operators)"]) > 0
+    assert len(re.findall(r"^\| `aten::", proc.stdout, re.M)) == 5
