@@ -41,6 +41,12 @@ for dtype in (torch.float32, torch.bfloat16):
     rel = ((g1 - g0).norm() / g0.norm()).item()
     print(f"{dtype}: loss eager {l0:.6f} sdpa {l1:.6f}; gradient relative difference {rel:.2e}")
     assert abs(l0 - l1) < (1e-4 if dtype == torch.float32 else 2e-2) and rel < (1e-3 if dtype == torch.float32 else 5e-2)
+# lfqa plan assumes the memory-efficient kernel (no stored probabilities): this raises if it cannot run
+from torch.nn.attention import SDPBackend, sdpa_kernel
+torch.cuda.reset_peak_memory_stats()
+with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), torch.autocast("cuda", dtype=torch.bfloat16):
+    sdpa(input_ids=ids, attention_mask=mask, global_attention_mask=glob, labels=labels).loss.backward()
+print(f"memory-efficient SDPA kernel: ok, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 print("ok")
 EOF
 

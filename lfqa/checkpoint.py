@@ -122,10 +122,11 @@ def prune(store, keep_last: int, keep_best: int, metric: str, mode: str, log=pri
 
 # Settings that may change between a checkpoint and the job resuming it: where things go, how often to
 # checkpoint, log and evaluate, and how long to train (extending a finished run is a resume).
-# model.encoder_attention: the two implementations compute the same function with the same weights.
+# model.encoder_attention, train.fused_optimizer, train.cpu_keep_freed_memory: the same computation done
+# another way (the same weights and optimizer states; results equal up to float rounding).
 _MAY_CHANGE = ("output.", "checkpoint.", "tracking.", "eval.", "train.max_steps", "train.epochs",
-               "model.cache_dir", "model.encoder_attention", "data.cache_dir", "data.max_eval_samples",
-               "data.validation")
+               "model.cache_dir", "model.encoder_attention", "train.fused_optimizer",
+               "train.cpu_keep_freed_memory", "data.cache_dir", "data.max_eval_samples", "data.validation")
 
 
 def changed_settings(saved_job: Path, job) -> list[str]:
@@ -147,7 +148,9 @@ def changed_settings(saved_job: Path, job) -> list[str]:
         return out
 
     old, new = flat(yaml.safe_load(saved_job.read_text()) or {}), flat(job_to_dict(job))
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+    # A key the checkpoint's job does not have was added by a later lfqa: the old run knew no such
+    # setting, so it cannot have been changed (comparing it with None would refuse every old checkpoint).
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old)
             if not key.startswith(_MAY_CHANGE) and old.get(key) != new.get(key)]
 
 

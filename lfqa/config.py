@@ -79,8 +79,9 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, about 20-30% more compute."""
     encoder_attention: str = "sdpa"
     """LED's encoder self-attention: ``sdpa`` (lfqa's blocks of torch's fused attention kernel: the same
-    weights and results, ~2x faster attention, no materialised probabilities) or ``eager`` (transformers'
-    own sliding chunks). Non-LED models ignore it."""
+    weights and results, ~2x faster attention, no stored probabilities unless attention dropout is on, which
+    sends CPU runs to PyTorch's unfused path) or ``eager`` (transformers' own sliding chunks). Non-LED models
+    ignore it."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
@@ -190,7 +191,8 @@ class TrainConfig:
     or the for-loop AdamW, which resumes bit-exactly inside ZeRO)."""
     cpu_keep_freed_memory: bool = True
     """On CPU (glibc), keep freed memory in the process instead of handing it back to the kernel after
-    every step (``mallopt``): steps ~10% faster, resident memory higher (the heap keeps its high-water mark)."""
+    every step (``mallopt``): steps ~10% faster, resident memory higher (the heap keeps its high-water mark).
+    Not under DeepSpeed, whose large, barely touched buffers would make the heap's address space grow."""
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0")

@@ -193,7 +193,12 @@ def use_sdpa_encoder_attention(model):
 
 
 def set_encoder_attention(model, implementation: str) -> int:
-    """``sdpa``: this module's attention; ``eager``: transformers' own (swapped back if needed)."""
+    """``sdpa``: this module's attention; ``eager``: transformers' own, mask included.
+
+    The encoder mask function is module-wide in transformers: the per-row one gives the same values, so
+    models already set up are not affected in their results, only in the memory the mask takes. ``eager``
+    puts transformers' function back, so that ``eager`` measures transformers' behaviour (benchmarks set up
+    one attention after the other in one process)."""
     if implementation not in ENCODER_ATTENTION_CHOICES:
         raise ValueError(f"encoder attention must be one of {', '.join(ENCODER_ATTENTION_CHOICES)}, "
                          f"not {implementation!r}")
@@ -204,4 +209,7 @@ def set_encoder_attention(model, implementation: str) -> int:
         if type(module) is SdpaLEDEncoderSelfAttention:
             module.__class__ = LEDEncoderSelfAttention
             swapped += 1
+    if any(isinstance(module, LEDEncoderSelfAttention) for module in model.modules()):
+        if TRANSFORMERS_ENCODER_MASK is not None:
+            modeling_led._prepare_4d_attention_mask_inverted = TRANSFORMERS_ENCODER_MASK
     return swapped

@@ -200,6 +200,8 @@ def plan_steps(sampler, num_processes: int, accum: int, epochs: int, max_steps: 
             sampler.set_epoch(key)
             # accelerate also steps at the end of the data loader, after a last partial accumulation.
             counts[key] = math.ceil(math.ceil(len(sampler) / num_processes) / accum)
+            if counts[key] == 0:
+                raise ValueError(f"epoch {key} of the training data holds no batch")
         return counts[key]
 
     if max_steps and not varies:

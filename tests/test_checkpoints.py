@@ -426,6 +426,18 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     assert changed_settings(saved, same) == []
     other = load_job(ROOT / "jobs" / "tiny-cpu.yaml", ["train.learning_rate=3e-4", "data.batch_size=2"])
     assert changed_settings(saved, other) == ["data.batch_size: 4 -> 2", "train.learning_rate: 0.001 -> 0.0003"]
+    # The speed settings may change; a checkpoint of an older lfqa (without today's keys) still resumes.
+    faster = load_job(ROOT / "jobs" / "tiny-cpu.yaml", ["model.encoder_attention=eager", "train.fused_optimizer=false",
+                                                       "train.cpu_keep_freed_memory=false"])
+    assert changed_settings(saved, faster) == []
+    import yaml
+
+    older = yaml.safe_load(saved.read_text())
+    del older["model"]["encoder_attention"], older["train"]["fused_optimizer"], older["data"]["max_tokens_per_batch"]
+    saved.write_text(yaml.safe_dump(older))
+    assert changed_settings(saved, load_job(ROOT / "jobs" / "tiny-cpu.yaml")) == []
+    assert changed_settings(saved, load_job(ROOT / "jobs" / "tiny-cpu.yaml", ["data.batch_size=2"])) == [
+        "data.batch_size: 4 -> 2"]
 
 
 def test_time_based_checkpoints_and_sigterm_flags():

@@ -57,7 +57,10 @@ CASES = {
     "one row, every token global but one": ([32], [31], 32, 16),
     # 50 global tokens, w 8: blocks of 24 queries, the 112 tokens padded to 120 inside the attention
     "many global tokens, narrow window: wide blocks": ([112, 90], [50, 30], 112, 16),
+    # global tokens scattered (not the leading ones): (row, positions) set by _batch's `scatter`
+    "global tokens in the middle and at the end": ([120, 100], [0, 0], 120, 16),
 }
+SCATTERED_GLOBALS = {0: [5, 40, 41, 77, 119], 1: [0, 63, 64, 65, 99]}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -67,6 +70,9 @@ def test_outputs_and_gradients_equal_transformers(case):
     sdpa = copy.deepcopy(eager)
     assert use_sdpa_encoder_attention(sdpa) == 2
     batch = _batch(lengths, globals_, total)
+    if case == "global tokens in the middle and at the end":
+        for row, positions in SCATTERED_GLOBALS.items():
+            batch["global_attention_mask"][row, positions] = 1
     ref, ref_grads = _run(eager, batch)
     new, new_grads = _run(sdpa, batch)
 
@@ -81,7 +87,7 @@ def test_outputs_and_gradients_equal_transformers(case):
     assert worst < 1e-4 * scale, worst / scale
     # the global projections are trained too (LED's global rows), unless no row has a global token
     grad = new_grads.get("led.encoder.layers.0.self_attn.longformer_self_attn.query_global.weight")
-    assert (grad is not None and grad.abs().sum() > 0) == (max(globals_) > 0)
+    assert (grad is not None and grad.abs().sum() > 0) == bool(batch["global_attention_mask"].any())
 
 
 def test_padding_rows_are_zero_like_transformers():
@@ -170,6 +176,8 @@ def test_the_encoder_mask_is_built_per_row_with_the_same_values():
         assert new[0, 0, 0].tolist() == [0.0, 0.0, -torch.finfo(dtype).min, torch.finfo(dtype).min]
     use_sdpa_encoder_attention(_model())
     assert modeling_led._prepare_4d_attention_mask_inverted is _row_mask_inverted
+    set_encoder_attention(_model(), "eager")  # transformers' behaviour, mask included
+    assert modeling_led._prepare_4d_attention_mask_inverted is TRANSFORMERS_ENCODER_MASK
 
 
 def test_block_layout_grows_blocks_when_global_slots_would_dominate():

@@ -146,17 +146,17 @@ def test_a_verdict_flips_between_24_and_80_gb_for_led_base_at_16k():
     assert small.recommendation()[1] is True  # on 24 GB checkpointing is needed
 
 
-INVENTORY_SHAPE = {"B": 3, "L": 256, "A": 40, "G": 6}
+INVENTORY_SHAPE = {"B": 3, "L": 256, "A": 40}
 
 
-def saved_by_forward(encoder_layers: int = 2, attention: str = "eager", autocast: bool = False):
+def saved_by_forward(encoder_layers: int = 2, attention: str = "eager", autocast: bool = False, G: int = 6):
     """A small LED's forward pass: bytes of every tensor kept for backward (by storage, weights excluded;
     under autocast the weights' 16-bit copies excluded too), and its config."""
     from transformers import LEDConfig, LEDForConditionalGeneration
 
     from lfqa.led_attention import set_encoder_attention
 
-    B, L, A, G = INVENTORY_SHAPE.values()
+    B, L, A = INVENTORY_SHAPE["B"], INVENTORY_SHAPE["L"], INVENTORY_SHAPE["A"]
     torch.manual_seed(0)
     config = LEDConfig(vocab_size=500, d_model=64, encoder_layers=encoder_layers, decoder_layers=2,
                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
@@ -280,15 +280,19 @@ def test_estimate_is_within_15_percent_of_a_measured_cpu_peak():
         assert r["peak_allocated"] > 50 * 2**20  # a real measurement, not an empty one
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_sdpa_encoder_layer_inventory_equals_the_tensors_pytorch_saves(autocast):
+@pytest.mark.parametrize("autocast,G", [(False, 6), (True, 6), (False, 50)])
+def test_sdpa_encoder_layer_inventory_equals_the_tensors_pytorch_saves(autocast, G):
     """lfqa's SDPA encoder attention (model.encoder_attention: sdpa, the default), fp32 and bf16 autocast:
-    what two more encoder layers save for backward, against the plan's inventory of two layers."""
-    two, config = saved_by_forward(2, "sdpa", autocast)
-    four, _ = saved_by_forward(4, "sdpa", autocast)
+    what two more encoder layers save for backward, against the plan's inventory of two layers. With 50
+    global tokens and a one-sided window of 8 the query blocks are 24 wide and 256 tokens become 264."""
+    from lfqa.led_attention import block_layout
+
+    assert block_layout(256, 8, G) == ((8, 8, 256) if G == 6 else (24, 56, 264))
+    two, config = saved_by_forward(2, "sdpa", autocast, G)
+    four, _ = saved_by_forward(4, "sdpa", autocast, G)
     shape = plan.shape_from_led_config(config, "small", encoder_attention="sdpa")
     eager = plan.shape_from_led_config(config, "small", encoder_attention="eager")
-    w = plan.Workload(batch_size=3, input_tokens=256, answer_tokens=40, global_tokens=6)
+    w = plan.Workload(batch_size=3, input_tokens=256, answer_tokens=40, global_tokens=G)
     t = plan.tensor_bytes("bf16" if autocast else "fp32", "torch", "cpu")
     layer = plan.layer_memory(plan.encoder_layer_stages(shape, w, t)).saved
     assert 2 * layer == pytest.approx(four - two, rel=0.02)
