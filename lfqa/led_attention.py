@@ -7,11 +7,13 @@ profile of ``make bench`` showed those copies and fills at 19% of a training ste
 materialised in fp32 (``B x L x H x (2w + 1 + G)``) whatever the precision.
 
 No library ships a sliding-window attention with Longformer's global tokens for LED, so this module
-writes one from PyTorch parts: the queries are cut into blocks of ``w`` tokens; block ``j`` attends to the
-keys of blocks ``j - 1, j, j + 1`` (``3w`` keys, masked to the exact band ``|i - k| <= w``) plus the global
-tokens' keys, in one ``F.scaled_dot_product_attention`` call over all blocks, which runs a fused kernel on
-CPU (flash) and on GPU (memory-efficient) and never materialises the probabilities. The global tokens' own
-rows are a second SDPA call with the global projections over the whole sequence, as in LED.
+writes one from PyTorch parts: the queries are cut into blocks of ``b`` tokens (``b = w`` unless many global
+tokens meet a narrow window, see ``block_layout``); a block attends to its own keys and the ``w`` keys on
+either side (``b + 2w`` keys, masked to the exact band ``|i - k| <= w``) plus the global tokens' keys, in one
+``F.scaled_dot_product_attention`` call over all blocks, which runs a fused kernel on CPU (flash) and on GPU
+(memory-efficient) that does not store the probabilities (unless attention dropout is on: then CPU runs take
+PyTorch's unfused path). The global tokens' own rows are a second SDPA call with the global projections over
+the whole sequence, as in LED.
 
 The weights, the parameter names and the results are LED's: same local band, same treatment of padding
 (masked keys; padding queries give zeros) and global tokens (global keys are seen through the local key and
