@@ -36,7 +36,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 from run import PRESETS, machine_line  # noqa: E402  (benchmarks/run.py: the same presets as make bench)
 
-ATTENTIONS = ("sdpa", "eager")
+from lfqa.config import ENCODER_ATTENTIONS as ATTENTIONS  # noqa: E402
 
 
 class Probe:

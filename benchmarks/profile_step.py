@@ -23,6 +23,8 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 from run import PRESETS  # noqa: E402
 
+from lfqa.config import ENCODER_ATTENTIONS  # noqa: E402
+
 GROUPS = {
     "matrix products (mm, bmm, addmm, linear)": ("aten::mm", "aten::bmm", "aten::addmm", "aten::linear"),
     "fused attention kernels (SDPA)": ("scaled_dot_product", "flash_attention", "efficient_attention"),
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--encoder-attention", choices=["sdpa", "eager"], default="sdpa")
+    parser.add_argument("--encoder-attention", choices=ENCODER_ATTENTIONS, default="sdpa")
     parser.add_argument("--no-fused", action="store_true", help="the for-loop AdamW instead of the fused one")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after two warm-up steps)")
     parser.add_argument("--rows", type=int, default=0, help="rows per batch (default: what fits 4,096 tokens)")

@@ -64,6 +64,10 @@ class TinyModelConfig:
         _check(self.vocab_size >= 300, "model.tiny.vocab_size", "must be >= 300 (256 bytes + special tokens)")
 
 
+ENCODER_ATTENTIONS = ("sdpa", "eager")
+"""``model.encoder_attention``: lfqa's SDPA attention (``lfqa.led_attention``), transformers' own."""
+
+
 @dataclass
 class ModelConfig:
     """Which model and tokenizer to fine-tune."""
@@ -85,7 +89,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
-        _check(self.encoder_attention in ("sdpa", "eager"), "model.encoder_attention",
+        _check(self.encoder_attention in ENCODER_ATTENTIONS, "model.encoder_attention",
                f"must be sdpa or eager, not {self.encoder_attention!r}")
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers.models.led import modeling_led
 from transformers.models.led.modeling_led import LEDEncoderSelfAttention
 
-ENCODER_ATTENTION_CHOICES = ("sdpa", "eager")
+from lfqa.config import ENCODER_ATTENTIONS
 
 
 def _windows(x: torch.Tensor, blocks: int, b: int, w: int) -> torch.Tensor:
@@ -121,7 +121,7 @@ class SdpaLEDEncoderSelfAttention(LEDEncoderSelfAttention):
         # A padding query whose whole window is padding has no key: let it see itself (the softmax would
         # give NaN, and NaN survives the zeroing below in the backward pass); its output is zeroed anyway.
         own = torch.zeros(b, mask.shape[-1], dtype=torch.bool, device=device)
-        own[s, mask.shape[-1] - b - 2 * w + w + s] = True
+        own[s, mask.shape[-1] - b - w + s] = True  # key t = w + s of the window, after the global slots
         mask = mask | (query_masked.view(batch, blocks, b, 1) & own)
 
         # (B, H, n, b, D) -> (B*n, H, b, D): SDPA's fused kernels take 4-D inputs
@@ -201,8 +201,8 @@ def set_encoder_attention(model, implementation: str) -> int:
     models already set up are not affected in their results, only in the memory the mask takes. ``eager``
     puts transformers' function back, so that ``eager`` measures transformers' behaviour (benchmarks set up
     one attention after the other in one process)."""
-    if implementation not in ENCODER_ATTENTION_CHOICES:
-        raise ValueError(f"encoder attention must be one of {', '.join(ENCODER_ATTENTION_CHOICES)}, "
+    if implementation not in ENCODER_ATTENTIONS:
+        raise ValueError(f"encoder attention must be one of {', '.join(ENCODER_ATTENTIONS)}, "
                          f"not {implementation!r}")
     if implementation == "sdpa":
         return use_sdpa_encoder_attention(model)

@@ -116,6 +116,22 @@ def test_attention_maps_fall_back_to_transformers():
     assert len(out.attentions) == 2 and out.attentions[0].shape[-1] == 16 + 1 + 3  # band + global columns
 
 
+def test_attention_dropout_reaches_local_and_global_rows():
+    """In training, attention dropout draws anew on every call, in both SDPA calls (local and global rows)."""
+    model = _model(attention_dropout=0.5).train()
+    attn = model.led.encoder.layers[0].self_attn.longformer_self_attn
+    attn.__class__ = SdpaLEDEncoderSelfAttention
+    hidden = torch.randn(2, 64, 64)
+    mask = torch.zeros(2, 64)
+    mask[:, :3] = 10000.0
+    kwargs = dict(attention_mask=mask, is_index_masked=mask < 0, is_index_global_attn=mask > 0, is_global_attn=True)
+    first, second = attn(hidden, **kwargs)[0], attn(hidden, **kwargs)[0]
+    assert not torch.allclose(first[:, :3], second[:, :3])  # global rows
+    assert not torch.allclose(first[:, 3:], second[:, 3:])  # local rows
+    attn.eval()
+    assert torch.equal(attn(hidden, **kwargs)[0], attn(hidden, **kwargs)[0])
+
+
 def test_dropout_runs_and_differs_between_steps():
     model = _model(attention_dropout=0.3).train()
     use_sdpa_encoder_attention(model)
