@@ -259,7 +259,9 @@ class CheckpointManager:
         acc.save_state(str(path))
         if acc.is_main_process:
             hf = path / "hf"
-            acc.unwrap_model(model).config.save_pretrained(hf)
+            unwrapped = acc.unwrap_model(model)
+            unwrapped.config.save_pretrained(hf)
+            unwrapped.generation_config.save_pretrained(hf)
             tokenizer.save_pretrained(hf)
             (hf / "job.yaml").write_text(dump_job(self.job))
             (path / STATE_FILE).write_text(json.dumps(state, indent=1, default=str))

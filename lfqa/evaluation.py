@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import gather_object
@@ -29,10 +29,9 @@ class EvalResult:
 def generation_kwargs(gen: GenerationConfig) -> dict:
     # decoder_start_token_id is left to the model's generation_config, which lfqa.modeling keeps equal
     # to the token training used.
-    kwargs = asdict(gen)
-    if gen.num_beams == 1:
-        kwargs.pop("early_stopping")  # a beam-search flag; transformers warns when it is set for greedy
-    return kwargs
+    from lfqa.modeling import generation_settings
+
+    return generation_settings(gen)
 
 
 def _rank_batches(shares: list[list[int]], rank: int, size: int, lockstep: bool) -> list[tuple[list[int], bool]]:

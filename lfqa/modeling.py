@@ -206,6 +206,29 @@ def check_decoder_start(model) -> int:
     return start
 
 
+def apply_generation_config(model, gen) -> None:
+    """Write the job's decoding settings (``eval.generation``) into ``model.generation_config``.
+
+    ``save_pretrained`` stores it as ``generation_config.json``, so that a plain transformers
+    ``from_pretrained(...).generate(...)`` decodes as lfqa's evaluation and ``lfqa answer`` do, instead
+    of falling back to transformers' defaults (21 tokens, greedy).
+    """
+    config = model.generation_config
+    for key, value in generation_settings(gen).items():
+        setattr(config, key, value)
+    config.decoder_start_token_id = model.config.decoder_start_token_id
+
+
+def generation_settings(gen) -> dict:
+    """``eval.generation`` as ``generate()`` keyword arguments."""
+    from dataclasses import asdict
+
+    kwargs = asdict(gen)
+    if gen.num_beams == 1:
+        kwargs.pop("early_stopping")  # a beam-search flag; transformers warns when it is set for greedy
+    return kwargs
+
+
 def attention_window(model) -> int:
     """The encoder's attention window (LED pads inputs to a multiple of it); 1 for models without one."""
     window = getattr(model.config, "attention_window", None)

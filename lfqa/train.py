@@ -226,6 +226,7 @@ def run(job: JobConfig) -> dict:
     from lfqa.checkpoint import CheckpointManager
     from lfqa.data import LengthGroupedBatchSampler, Seq2SeqCollator
     from lfqa.modeling import (
+        apply_generation_config,
         attention_window,
         enable_gradient_checkpointing,
         load_model,
@@ -278,6 +279,7 @@ def run(job: JobConfig) -> dict:
         model_path = resolve_model_path(job.model, job.output.s3_endpoint_url, job.output.s3_region)
     tokenizer = load_tokenizer(model_path, job.model.revision)
     model = load_model(model_path, job.model.revision, job.model.encoder_attention)
+    apply_generation_config(model, job.eval.generation)  # the saved model then decodes as evaluation does
     # ds_numel: under ZeRO-3 from_pretrained already partitions the weights across ranks.
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     log(f"model {job.model.name_or_path} ({n_params / 1e6:.2f}M parameters) "
