@@ -10,15 +10,22 @@
     lfqa plan jobs/led-base-lfqa.yaml --gpus 8 --gpu-memory 80
     lfqa check-job jobs/led-base-lfqa.yaml [key=value ...]
     lfqa build-tiny --out /tmp/tiny-led
+
+Every command ends a failure with one line, ``lfqa: error: <file/key/row>: <what is wrong>``; an unexpected
+one also names a file holding the traceback, and ``--debug`` anywhere on the line prints it instead
+(see lfqa.errors).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
+from pathlib import Path
 
-from lfqa.config import ConfigError, dump_job, load_job
+from lfqa.config import dump_job, load_job
+from lfqa.errors import run_command
 
 # Subcommands with their own argument parser: (module, help). Each module has main(argv) -> int.
 DELEGATED = {
@@ -33,13 +40,24 @@ DELEGATED = {
 }
 
 
+_SECTIONS = ("model", "data", "train", "eval", "output", "checkpoint", "tracking")
+_OVERRIDE = re.compile(rf"^(?:{'|'.join(_SECTIONS)})(?:\.[A-Za-z_]\w*)+=")
+
+
+def is_override(word: str) -> bool:
+    """``data.fields.question=input`` is a job override; an existing file of that name is not."""
+    return bool(_OVERRIDE.match(word)) and not Path(word).exists()
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(other words, overrides)``: job overrides may stand anywhere on a command line, even after an option
+    that takes several values (``--data rows.jsonl data.fields.context=passages``)."""
+    overrides = [w for w in argv if is_override(w)]
+    return [w for w in argv if not is_override(w)], overrides
+
+
 def _check_job(args) -> int:
-    try:
-        job = load_job(args.job, args.overrides)
-    except ConfigError as err:
-        print(f"lfqa: error: {err}", file=sys.stderr)
-        return 2
-    print(dump_job(job), end="")
+    print(dump_job(load_job(args.job, args.overrides)), end="")
     return 0
 
 
@@ -48,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lfqa",
         description="Fine-tune LED models for long-form question answering. `lfqa COMMAND --help` for each.",
         epilog="Several processes: accelerate launch --config_file accelerate_configs/cpu.yaml "
-               "-m lfqa.train jobs/tiny-cpu.yaml",
+               "-m lfqa.train jobs/tiny-cpu.yaml. A failure is one line; --debug (anywhere) prints its traceback.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in DELEGATED.items():
@@ -61,17 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def dispatch(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:
         return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "check-job":
         return _check_job(args)
+    from lfqa.errors import output_folder
     from lfqa.modeling import main as build_main
 
+    output_folder(args.out)
     build_main(["--out", args.out])
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(dispatch, argv)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ import torch
 from torch.utils.data import Sampler
 
 from lfqa.config import DataConfig, FieldsConfig
+from lfqa.errors import LfqaError
 
 # Bump when the tokenised layout changes, so old cache files are not reused.
 PIPELINE_VERSION = "3"
 MAX_REPORTED_PROBLEMS = 10
 
 
-class DataError(RuntimeError):
+class DataError(LfqaError, RuntimeError):
     """Unusable data: the message names the file, data set or row."""
 
 
@@ -76,10 +77,12 @@ class DataReport:
             if self.malformed_total > len(self.problems):
                 out.append(f"    ... and {self.malformed_total - len(self.problems)} more")
         if self.dropped_long_answer:
-            out.append(f"  dropped {self.dropped_long_answer} rows whose answer is longer than "
+            n = self.dropped_long_answer
+            out.append(f"  dropped {n} row{'' if n == 1 else 's'} whose answer is longer than "
                        f"{max_answer_tokens} tokens")
         if self.truncated_inputs:
-            out.append(f"  truncated {self.truncated_inputs} inputs to {max_input_tokens} tokens")
+            n = self.truncated_inputs
+            out.append(f"  truncated {n} input{'' if n == 1 else 's'} to {max_input_tokens} tokens")
         if self.limited_to is not None:
             out.append(f"  limited to the first {self.limited_to} usable rows")
         return out
@@ -130,24 +133,24 @@ def _passages(value: Any, fields: FieldsConfig) -> list[str] | None:
     return out
 
 
-def normalise_row(row: Any, fields: FieldsConfig) -> Example | str:
-    """Map one raw row to an :class:`Example`, or return the reason it is malformed."""
-    if not isinstance(row, dict):
-        return "row is not an object"
-    values = {}
-    for name in ("question", "answer"):
-        path = getattr(fields, name)
-        try:
-            value = get_path(row, path)
-        except KeyError:
-            value = None
-        if value is None:  # Arrow-backed data sets fill absent fields with null
-            return f"missing {name} field '{path}'"
-        if not isinstance(value, str):
-            return f"{name} field '{path}' is not a string"
-        if not value.strip():
-            return f"empty {name}"
-        values[name] = value.strip()
+def text_field(row: dict, fields: FieldsConfig, name: str) -> str:
+    """The stripped text of field ``name`` (``question`` or ``answer``) of a row; ValueError says why not."""
+    path = getattr(fields, name)
+    try:
+        value = get_path(row, path)
+    except KeyError:
+        value = None
+    if value is None:  # Arrow-backed data sets fill absent fields with null
+        raise ValueError(f"missing {name} field '{path}'")
+    if not isinstance(value, str):
+        raise ValueError(f"{name} field '{path}' is not a string")
+    if not value.strip():
+        raise ValueError(f"empty {name}")
+    return value.strip()
+
+
+def row_contexts(row: dict, fields: FieldsConfig) -> list[str] | str:
+    """The non-empty context passages of a row, or the reason it has none."""
     try:
         raw_context = get_path(row, fields.context)
     except KeyError:
@@ -159,9 +162,21 @@ def normalise_row(row: Any, fields: FieldsConfig) -> Example | str:
         return (f"context field '{fields.context}' is a {type(raw_context).__name__}, expected a string, "
                 f"a list of strings or a list of objects with '{fields.passage_text}'")
     contexts = [c.strip() for c in contexts if c.strip()]
-    if not contexts:
-        return "empty context"
-    return Example(values["question"], values["answer"], contexts)
+    return contexts or "empty context"
+
+
+def normalise_row(row: Any, fields: FieldsConfig) -> Example | str:
+    """Map one raw row to an :class:`Example`, or return the reason it is malformed."""
+    if not isinstance(row, dict):
+        return "row is not an object"
+    try:
+        question, answer = text_field(row, fields, "question"), text_field(row, fields, "answer")
+    except ValueError as err:
+        return str(err)
+    contexts = row_contexts(row, fields)
+    if isinstance(contexts, str):
+        return contexts
+    return Example(question, answer, contexts)
 
 
 def expand_files(patterns: list[str]) -> list[Path]:
@@ -172,6 +187,8 @@ def expand_files(patterns: list[str]) -> list[Path]:
             raise DataError(f"{pattern}: no file matches")
         for match in matches:
             path = Path(match)
+            if path.is_dir():
+                raise DataError(f"{path}: is a folder, expected a .jsonl, .json or .parquet file")
             if not path.is_file():
                 raise DataError(f"{path}: no such file")
             files.append(path)
@@ -182,7 +199,8 @@ def iter_file_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """Yield ``(row_number, row, problem)``; rows are numbered from 1 (JSONL: the line number)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="replace") as f:
+        # utf-8-sig: a byte-order mark at the start is not part of the first row.
+        with path.open(encoding="utf-8-sig", errors="replace") as f:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -192,7 +210,7 @@ def iter_file_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                     yield line_no, None, "line is not valid JSON"
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DataError(f"{path}: not valid JSON ({err.__class__.__name__}); "
                             "use .jsonl for one object per line") from None
@@ -268,6 +286,28 @@ def read_split(cfg: DataConfig, split: str) -> tuple[list[Example], DataReport, 
     return read_files(cfg.train_files if split == "train" else cfg.validation_files, cfg.fields)
 
 
+def stage_data_files(cfg: DataConfig, endpoint_url: str | None = None, region: str | None = None) -> DataConfig:
+    """``cfg`` with its ``s3://`` data files replaced by local copies (downloaded once into ``cfg.cache_dir/s3``,
+    refreshed when the object changes), through the given S3 endpoint and region (the job's ``output.s3_*``)."""
+    import dataclasses
+
+    def local(paths: list[str]) -> list[str]:
+        return [str(stage_s3_file(p, cfg.cache_dir, endpoint_url, region)) if p.startswith("s3://") else p
+                for p in paths]
+
+    return dataclasses.replace(cfg, train_files=local(cfg.train_files), validation_files=local(cfg.validation_files))
+
+
+def stage_s3_file(uri: str, cache_dir: str, endpoint_url: str | None = None, region: str | None = None) -> Path:
+    """A local copy of the data file at ``uri`` (``s3://bucket/key``); DataError naming the URI when it fails."""
+    from lfqa.storage import StorageError, stage_s3_uri
+
+    try:
+        return stage_s3_uri(uri, Path(cache_dir) / "s3", endpoint_url=endpoint_url, region=region)
+    except StorageError as err:
+        raise DataError(f"{uri}: {err}") from None
+
+
 # --- tokenisation -------------------------------------------------------------------------------------
 
 
@@ -282,6 +322,17 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def silence_length_warning(tokenizer) -> None:
+    """Mark transformers' "Token indices sequence length is longer than the specified maximum" as said.
+
+    lfqa tokenises whole inputs to count them and then cuts them itself (``encode_inputs``), so the
+    warning that the uncut ids would fail in the model never applies.
+    """
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
+
+
 def encode_inputs(tokenizer, questions: list[str], contexts: list[list[str]], max_input_tokens: int,
                   global_attention: str = "question") -> dict[str, list]:
     """Token ids of the model inputs, cut to ``max_input_tokens``, and the global attention span.
@@ -291,6 +342,7 @@ def encode_inputs(tokenizer, questions: list[str], contexts: list[list[str]], ma
     ``full_length`` (tokens before the cut).
     """
     eos = tokenizer.eos_token_id
+    silence_length_warning(tokenizer)
     inputs = [format_input(q, c) for q, c in zip(questions, contexts)]
     input_ids = tokenizer(inputs, add_special_tokens=True)["input_ids"]
     full_length = [len(ids) for ids in input_ids]

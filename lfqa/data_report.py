@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import math
-import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfqa.config import ConfigError, JobConfig, load_job
+from lfqa.config import JobConfig, load_job
 
 DEFAULT_JOB = "jobs/tiny-cpu.yaml"
 DEFAULT_OUT = "runs/data-report"
@@ -239,25 +238,30 @@ def build_report(job: JobConfig, out_dir, *, splits: Sequence[str] = ("train", "
     read with the job's field mapping. The tokenizer is the job model's unless one is passed.
     Returns what ``report.json`` holds. Raises ``DataError`` / ``ModelLoadError`` as training would.
     """
-    from lfqa.data import read_files, read_split
+    from lfqa.data import read_files, read_split, stage_data_files, stage_s3_file
+    from lfqa.errors import output_folder
 
-    out_dir = Path(out_dir)
-    if tokenizer is None:
-        from lfqa.modeling import load_tokenizer, resolve_model_path
-
-        tokenizer = load_tokenizer(resolve_model_path(job.model), job.model.revision)
+    endpoint, region = job.output.s3_endpoint_url, job.output.s3_region
     if files:
-        sources = {FILES_SPLIT: lambda: read_files(list(files), job.data.fields)}
+        local = [str(stage_s3_file(f, job.data.cache_dir, endpoint, region)) if f.startswith("s3://") else f
+                 for f in files]
+        sources = {FILES_SPLIT: lambda: read_files(local, job.data.fields)}
     else:
-        sources = {split: (lambda s=split: read_split(job.data, s)) for split in splits}
-    # Read everything before writing anything: a bad file should not leave half a report behind.
+        data_cfg = stage_data_files(job.data, endpoint, region)
+        sources = {split: (lambda s=split: read_split(data_cfg, s)) for split in splits}
+    # Read everything before writing anything (and before the tokenizer loads): a bad file fails at once and
+    # leaves no half report behind.
     read = {}
     for split, reader in sources.items():
         examples, data_report, _ = reader()
         log(f"{split}: read {data_report.rows_read} rows from {data_report.source} "
             f"({data_report.malformed_total} malformed)")
         read[split] = (examples, data_report)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        from lfqa.modeling import load_tokenizer, resolve_model_path
+
+        tokenizer = load_tokenizer(resolve_model_path(job.model, endpoint, region), job.model.revision)
+    out_dir = output_folder(out_dir)
     report = {
         "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
         "max_answer_tokens": job.data.max_answer_tokens,
@@ -356,53 +360,40 @@ def build_parser() -> argparse.ArgumentParser:
 def _summary_line(split: str, s: dict, max_answer: int) -> str:
     after = s["stats"]["after_filtering"]["answer_tokens"]
     before = s["stats"]["before_filtering"]["answer_tokens"]
+    truncated = s["truncated_inputs"]
     line = (f"  {split}: {s['rows_read']} rows read, {s['malformed']['total']} malformed, "
             f"{s['filtered_long_answer']} filtered (answer > {max_answer} tokens), {s['kept']} kept, "
-            f"{s['truncated_inputs']} inputs truncated; answer tokens median {before['median']:g}, "
-            f"p99 {before['p99']:g}, max {before['max']}")
+            f"{truncated} input{'' if truncated == 1 else 's'} truncated; "
+            f"answer tokens median {before['median']:g}, p99 {before['p99']:g}, max {before['max']}")
     return line + ("" if after else "; no rows left after filtering")
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line, giving back overrides that ``--data FILE ...`` swallowed.
+    """The command line, with job overrides taken from anywhere on it (also after ``--data FILE ...``)."""
+    from lfqa.cli import split_overrides
 
-    ``--data rows.jsonl data.fields.context=passages`` is the natural way to write it, but argparse hands
-    every word after ``--data`` to it. A ``dotted.key=value`` word that is not an existing file is an
-    override, as it would be anywhere else on the line.
-    """
-    args = build_parser().parse_args(argv)
-    if args.data:
-        moved = [d for d in args.data if _OVERRIDE.match(d) and not Path(d).exists()]
-        args.data = [d for d in args.data if d not in moved]
-        args.overrides = moved + args.overrides
-        if not args.data:
-            build_parser().error("argument --data: expected at least one file")
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(rest)
+    args.overrides = overrides + args.overrides
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        job = load_job(args.job, args.overrides)
-    except ConfigError as err:
-        print(f"lfqa: error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    from lfqa.data import DataError
-    from lfqa.modeling import ModelLoadError
-
+    job = load_job(args.job, args.overrides)
     splits = ("train", "validation") if args.split == "both" else (args.split,)
-    try:
-        report = build_report(job, args.out, splits=splits, files=args.data)
-    except (DataError, ModelLoadError) as err:
-        print(f"lfqa: error: {err}", file=sys.stderr)
-        return EXIT_DATA_ERROR
+    report = build_report(job, args.out, splits=splits, files=args.data)
     print(f"Data report written to {Path(args.out) / 'report.md'} (numbers in report.json, plots beside them)")
     for split, s in report["splits"].items():
         print(_summary_line(split, s, report["max_answer_tokens"]))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; every failure is one line on stderr and a non-zero exit (see lfqa.errors)."""
+    from lfqa.errors import run_command
+
+    return run_command(_run, argv)
 
 
 if __name__ == "__main__":

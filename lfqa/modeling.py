@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lfqa.config import ModelConfig, TinyModelConfig
+from lfqa.errors import LfqaError
 
 TINY_MODEL_NAME = "tiny-led"
 BUNDLED_DATA_DIR = Path(__file__).parent / "data"
@@ -31,7 +32,7 @@ BUNDLED_VALIDATION = BUNDLED_DATA_DIR / "tiny_validation.jsonl"
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(LfqaError, RuntimeError):
     """The model or tokenizer could not be loaded; the message names the path or id."""
 
 
@@ -151,13 +152,48 @@ def resolve_model_path(model_cfg: ModelConfig, s3_endpoint_url: str | None = Non
     return model_cfg.name_or_path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "vocab.txt")
+"""Any of these in a model folder holds a vocabulary that AutoTokenizer can load."""
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    """True for what can only be a local folder (a hub id is ``name`` or ``owner/name``)."""
+    return (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+            or Path(name_or_path).exists())
+
+
+def check_model_folder(name_or_path: str, *, tokenizer: bool = False) -> None:
+    """A clear ModelLoadError when a local ``name_or_path`` is not a model folder (transformers' own messages
+    are long, or cut off, for a missing folder, a file, an empty folder or one without a vocabulary)."""
+    if not looks_like_path(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{name_or_path}: no such model folder")
+    if not path.is_dir():
+        raise ModelLoadError(f"{name_or_path}: is a file, expected a model folder (save_pretrained layout)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name_or_path}: not a model folder (no config.json; save_pretrained writes one)")
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{name_or_path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+
+
+def _load_error(what: str, name_or_path: str, err: BaseException) -> ModelLoadError:
+    return ModelLoadError(f"{name_or_path}: cannot load the {what} ({_first_line(err)})")
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
+    check_model_folder(name_or_path, tokenizer=True)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load a tokenizer from '{name_or_path}': {_first_line(err)}") from None
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except Exception as err:  # noqa: BLE001 - transformers and tokenizers raise many types for a bad folder
+        raise _load_error("tokenizer", name_or_path, err) from None
+    from lfqa.data import silence_length_warning
+
+    silence_length_warning(tokenizer)
+    return tokenizer
 
 
 def load_model(name_or_path: str, revision: str | None = None, encoder_attention: str = "sdpa"):
@@ -167,20 +203,35 @@ def load_model(name_or_path: str, revision: str | None = None, encoder_attention
 
     from lfqa.led_attention import set_encoder_attention
 
+    check_model_folder(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load a model config from '{name_or_path}': {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - a damaged config.json gives OSError, ValueError, KeyError...
+        raise _load_error("model config", name_or_path, err) from None
     if not getattr(config, "is_encoder_decoder", False):
         raise ModelLoadError(f"'{name_or_path}' holds a {config.model_type} model, not a sequence-to-sequence "
                              "(encoder-decoder) model such as LED")
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load the model from '{name_or_path}': {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - damaged weights give safetensors, torch and OS errors
+        raise _load_error("model", name_or_path, err) from None
     check_decoder_start(model)
     set_encoder_attention(model, encoder_attention)
     return model
+
+
+def model_limits(name_or_path: str, max_input_tokens: int, max_answer_tokens: int) -> tuple[int, int]:
+    """The job's input and answer limits, cut to the model's position embeddings as training cuts them."""
+    from transformers import AutoConfig
+
+    check_model_folder(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except Exception as err:  # noqa: BLE001 - as in load_model
+        raise _load_error("model config", name_or_path, err) from None
+    encoder = getattr(config, "max_encoder_position_embeddings", None) or max_input_tokens
+    decoder = getattr(config, "max_decoder_position_embeddings", None) or max_answer_tokens
+    return min(max_input_tokens, encoder), min(max_answer_tokens, decoder)
 
 
 def load_model_and_tokenizer(model_cfg: ModelConfig):
@@ -247,8 +298,12 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else err.__class__.__name__
+    """The first line of an error message; with the next one when the first ends in ':' (a list follows)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return err.__class__.__name__
+    text = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else f"{lines[0]} {lines[1]}"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -184,8 +184,8 @@ def test_long_answers_are_dropped_and_long_inputs_truncated(tmp_path, tokenizer)
     assert max(len(x) for x in ds["input_ids"]) == 64
     assert ds[1]["input_ids"][-1] == tokenizer.eos_token_id  # cut inputs still end with </s>
     text = "\n".join(report.lines(30, 64))
-    assert "dropped 1 rows whose answer is longer than 30 tokens" in text
-    assert "truncated 1 inputs to 64 tokens" in text
+    assert "dropped 1 row whose answer is longer than 30 tokens" in text
+    assert "truncated 1 input to 64 tokens" in text
 
 
 def test_labels_and_global_attention_positions(tmp_path, tokenizer):

@@ -104,10 +104,17 @@ def test_gradient_checkpointing_switch(tiny_model_path):
 
 
 def test_bad_model_paths_are_clear_errors(tmp_path):
-    with pytest.raises(ModelLoadError, match=f"cannot load a model config from '{tmp_path}'"):
+    with pytest.raises(ModelLoadError, match=f"^{tmp_path}: not a model folder \\(no config.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=f"^{tmp_path}: cannot load the model config"):
         load_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ModelLoadError, match="holds a gpt2 model, not a sequence-to-sequence"):
         load_model(str(tmp_path))
-    with pytest.raises(ModelLoadError, match="cannot load a tokenizer from"):
+    with pytest.raises(ModelLoadError, match=f"^{tmp_path}: no tokenizer files"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="nowhere: no such model folder$"):
         load_tokenizer(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match="is a file, expected a model folder"):
+        load_model(str(tmp_path / "config.json"))
