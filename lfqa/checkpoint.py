@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from lfqa.errors import LfqaError
+
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS = "checkpoints"
@@ -43,7 +45,7 @@ _NAME = re.compile(r"^step-(\d{8,})$")
 EXIT_PREEMPTED = 75
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LfqaError, RuntimeError):
     """A checkpoint cannot be used; ``str(err)`` is one line naming the checkpoint."""
 
 
