@@ -73,10 +73,12 @@ def format_cpu(cores: Fraction) -> str:
 
 
 def format_bytes(size: Fraction) -> str:
-    for suffix in ("Ti", "Gi", "Mi"):
+    """Exact, in the largest unit that divides it (a fraction of a byte rounded down)."""
+    size = Fraction(int(size))
+    for suffix in ("Ti", "Gi", "Mi", "T", "G", "M", "Ki", "k"):
         if size % SUFFIXES[suffix] == 0:
             return f"{int(size // SUFFIXES[suffix])}{suffix}"
-    return f"{int(size // SUFFIXES['Mi'])}Mi"  # rounded down: /dev/shm stays within what was asked
+    return str(int(size))
 
 
 @dataclass(frozen=True)
