@@ -58,6 +58,10 @@ def parse_step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _step_text(step: int | None) -> str:
+    return "none" if step is None else f"step {step}"
+
+
 @dataclass
 class CheckpointInfo:
     name: str
@@ -89,11 +93,13 @@ def newest_complete(infos: list[CheckpointInfo]) -> CheckpointInfo | None:
     return complete[-1] if complete else None
 
 
-def retained(infos: list[CheckpointInfo], keep_last: int, keep_best: int, metric: str, mode: str) -> set[str]:
+def retained(infos: list[CheckpointInfo], keep_last: int, keep_best: int, metric: str, mode: str,
+             keep_newer_than: int | None = None) -> set[str]:
     """Names to keep: the newest ``keep_last`` complete checkpoints and the best ``keep_best`` by ``metric``.
 
     Incomplete checkpoints newer than the newest complete one are kept (an upload or save may be in flight);
-    older incomplete ones are leftovers of a crash and are not.
+    older incomplete ones are leftovers of a crash and are not. ``keep_newer_than`` (a step) keeps every
+    checkpoint after it as well: locally, those not yet confirmed in the bucket.
     """
     complete = [c for c in infos if c.complete]
     keep = {c.name for c in complete[-keep_last:]}
@@ -103,13 +109,16 @@ def retained(infos: list[CheckpointInfo], keep_last: int, keep_best: int, metric
     keep |= {c.name for c in scored[:keep_best]}
     newest = complete[-1].step if complete else -1
     keep |= {c.name for c in infos if not c.complete and c.step > newest}
+    if keep_newer_than is not None:
+        keep |= {c.name for c in infos if c.step > keep_newer_than}
     return keep
 
 
-def prune(store, keep_last: int, keep_best: int, metric: str, mode: str, log=print) -> list[str]:
+def prune(store, keep_last: int, keep_best: int, metric: str, mode: str, log=print,
+          keep_newer_than: int | None = None) -> list[str]:
     """Delete the checkpoints that :func:`retained` does not keep; returns their names."""
     infos = list_checkpoints(store)
-    keep = retained(infos, keep_last, keep_best, metric, mode)
+    keep = retained(infos, keep_last, keep_best, metric, mode, keep_newer_than)
     deleted = []
     for info in infos:
         if info.name not in keep:
@@ -236,11 +245,23 @@ class CheckpointManager:
         self.uploader = None
         self.upload_errors: list[str] = []
         self.upload_waits: list[float] = []
+        self._lock = threading.Lock()  # the upload status, written by the uploader thread
+        self._prune_lock = threading.Lock()  # local retention runs after a save and after an upload
+        self._status = {"uploads_ok": 0, "failures_total": 0, "failed_in_a_row": 0, "alarm": False,
+                        "newest_in_bucket_step": None, "newest_local_step": None, "last_error": None}
+        if remote is not None and hasattr(remote, "with_limits"):
+            # A bucket that stops answering fails an upload in about a minute, not in many.
+            remote = self.remote = remote.with_limits(self.cfg.s3_max_attempts, self.cfg.s3_timeout_seconds)
         if remote is not None and accelerator.is_local_main_process:
             from lfqa.storage import BackgroundUploader
 
-            # In a low-priority child process: the upload never takes CPU or the GIL from training.
-            self.uploader = BackgroundUploader(remote, on_done=self._after_upload, isolate=True)
+            self._status["newest_in_bucket_step"] = self._newest_step(remote)
+            self._status["newest_local_step"] = self._newest_step(self.local)
+            # In a low-priority child process: the upload never takes CPU or the GIL from training. A stuck
+            # upload holds a save for at most upload_wait_seconds; a failed one is tried again.
+            self.uploader = BackgroundUploader(remote, on_done=self._after_upload, isolate=True,
+                                               wait_seconds=self.cfg.upload_wait_seconds,
+                                               retry_seconds=self.cfg.upload_retry_seconds, report=self.log)
 
     # --- saving -----------------------------------------------------------------------------------------
 
@@ -282,6 +303,8 @@ class CheckpointManager:
 
     def _queue_upload(self, name: str, path: Path) -> None:
         remote_dir = f"{CHECKPOINTS}/{name}"
+        with self._lock:
+            self._status["newest_local_step"] = max(parse_step(name), self._status["newest_local_step"] or -1)
         if self.num_nodes == 1:
             # One node holds every rank's part: its upload puts COMPLETE last by itself.
             waited = self.uploader.submit(path, remote_dir, marker=MARKER)
@@ -293,52 +316,165 @@ class CheckpointManager:
         if waited > 0.05:
             self.log(f"checkpoint {name}: waited {waited:.1f}s for the previous upload to finish")
 
+    def upload_newest_local(self) -> str | None:
+        """Queue the newest complete local checkpoint when the bucket has nothing as new (the bucket was down
+        when an earlier run on this disk saved it). Call it after :meth:`resume`; returns the name queued."""
+        if self.uploader is None or self.num_nodes > 1:
+            return None
+        local = newest_complete(list_checkpoints(self.local, with_metrics=False))
+        in_bucket = self._status["newest_in_bucket_step"]
+        if local is None or (in_bucket is not None and local.step <= in_bucket):
+            return None
+        self.log(f"checkpoint {local.name} is newer than the newest in {self.remote.url(CHECKPOINTS)} "
+                 f"({_step_text(in_bucket)}): uploading it")
+        self._queue_upload(local.name, self.path(local.name))
+        return local.name
+
     def _after_upload(self, remote_dir: str, ok: bool) -> None:
-        """Runs on the uploader thread after each upload."""
-        if not ok:
-            return
-        store = self.remote
-        if self.num_nodes > 1:
-            store.write_text(f"{remote_dir}/.nodes/{self.node}", json.dumps({"node": self.node, "time": time.time()}))
-            if not self.accelerator.is_main_process:
+        """Runs on the uploader thread after each try: completes the checkpoint in the bucket, keeps the upload
+        status and prunes. Never raises."""
+        error = None if ok else self.uploader.last_error
+        if ok:
+            try:
+                ok = self._complete_remote(remote_dir)
+            except Exception as err:  # noqa: BLE001 - counted as a failed upload below
+                ok, error = False, f"completing {self.remote.url(remote_dir)} failed: {err}"
+            if ok is None:
                 return
-            deadline = time.monotonic() + 600
-            missing = list(range(self.num_nodes))
-            while missing:
-                missing = [n for n in missing if not store.exists(f"{remote_dir}/.nodes/{n}")]
-                if not missing:
-                    break
-                if time.monotonic() > deadline:
-                    raise CheckpointError(f"{store.url(remote_dir)}: nodes {missing} never finished their upload; "
-                                          f"the checkpoint stays incomplete")
-                time.sleep(1)
-            store.upload_file(self.run_dir / remote_dir / MARKER, f"{remote_dir}/{MARKER}")
+        if not ok:
+            self._upload_failed(error or f"upload of {remote_dir} failed")
+            return
+        self._upload_confirmed(remote_dir)
         if self.accelerator.is_main_process:
-            self.log(f"checkpoint uploaded to {store.url(remote_dir)}")
-            prune(store, self.cfg.keep_last, self.cfg.keep_best, self.cfg.best_metric, self.cfg.best_mode,
-                  log=self.log)
+            try:
+                prune(self.remote, self.cfg.keep_last, self.cfg.keep_best, self.cfg.best_metric, self.cfg.best_mode,
+                      log=self.log)
+            except Exception as err:  # noqa: BLE001 - retention runs again after the next upload
+                self.log(f"checkpoint retention in {self.remote.url(CHECKPOINTS)} failed: {err}")
+        self._prune_local()
+
+    def _complete_remote(self, remote_dir: str) -> bool | None:
+        """After this node's upload: True once the checkpoint counts as in the bucket for this node (on several
+        nodes: its part marker, and on the main process COMPLETE after every node's); None when given up for a
+        newer checkpoint that is queued."""
+        if self.num_nodes == 1:
+            return True
+        store = self.remote
+        store.write_text(f"{remote_dir}/.nodes/{self.node}", json.dumps({"node": self.node, "time": time.time()}))
+        if not self.accelerator.is_main_process:
+            return True
+        deadline = time.monotonic() + 600
+        missing = list(range(self.num_nodes))
+        while missing := [n for n in missing if not store.exists(f"{remote_dir}/.nodes/{n}")]:
+            if self.uploader.queued is not None:
+                # Another node may have dropped this checkpoint for the newer one: do not wait for it.
+                self.log(f"{store.url(remote_dir)}: left incomplete, nodes {missing} did not upload their part "
+                         f"and a newer checkpoint is queued")
+                return None
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{store.url(remote_dir)}: nodes {missing} never finished their upload; "
+                                      f"the checkpoint stays incomplete")
+            time.sleep(1)
+        store.upload_file(self.run_dir / remote_dir / MARKER, f"{remote_dir}/{MARKER}")
+        return True
+
+    def _upload_failed(self, error: str) -> None:
+        from lfqa.storage import redact_secrets
+
+        error = redact_secrets(error)
+        with self._lock:
+            status = self._status
+            status["failures_total"] += 1
+            status["failed_in_a_row"] += 1
+            status["last_error"] = error
+            alarm = not status["alarm"] and status["failed_in_a_row"] >= self.cfg.upload_alarm_after
+            status["alarm"] = status["alarm"] or alarm
+            in_a_row, in_bucket, local = (status["failed_in_a_row"], status["newest_in_bucket_step"],
+                                          status["newest_local_step"])
+        if alarm:
+            self.log(f"ALARM: checkpoint uploads to {self.remote.url(CHECKPOINTS)} failed {in_a_row} times in a row; "
+                     f"newest there: {_step_text(in_bucket)}, newest on this disk: {_step_text(local)} (kept, "
+                     f"tried again every {self.cfg.upload_retry_seconds:g}s); last error: {error}")
+
+    def _upload_confirmed(self, remote_dir: str) -> None:
+        step = parse_step(remote_dir.rsplit("/", 1)[-1])
+        with self._lock:
+            status = self._status
+            recovered, failed = status["alarm"], status["failed_in_a_row"]
+            status.update(failed_in_a_row=0, alarm=False, uploads_ok=status["uploads_ok"] + 1)
+            if step is not None and step > (status["newest_in_bucket_step"] or -1):
+                status["newest_in_bucket_step"] = step
+        if self.accelerator.is_main_process:
+            self.log(f"checkpoint uploaded to {self.remote.url(remote_dir)}")
+        if recovered:
+            self.log(f"checkpoint uploads work again: {self.remote.url(remote_dir)} is complete after {failed} "
+                     f"failed tries")
+
+    @staticmethod
+    def _newest_step(store) -> int | None:
+        try:
+            newest = newest_complete(list_checkpoints(store, with_metrics=False))
+        except Exception:  # noqa: BLE001 - unknown: nothing is taken as confirmed
+            return None
+        return None if newest is None else newest.step
+
+    def upload_status(self) -> dict:
+        """This node's checkpoint uploads, JSON-able (for W&B and summary.json): ``uploads_ok``,
+        ``failures_total``, ``failed_in_a_row``, ``alarm`` (upload_alarm_after failures in a row),
+        ``newest_in_bucket_step`` (confirmed complete there), ``newest_local_step``, ``newest_uploaded``,
+        ``uploading`` (one runs or waits), ``dropped`` (checkpoints never uploaded because a newer one went
+        first), ``last_error`` (one line, no credentials) and ``bucket``."""
+        with self._lock:
+            status = dict(self._status)
+        uploader = self.uploader
+        status["dropped"] = len(uploader.dropped) if uploader is not None else 0
+        status["uploading"] = bool(uploader is not None and uploader.busy)
+        status["bucket"] = self.remote.url(CHECKPOINTS) if self.remote is not None else None
+        local, in_bucket = status["newest_local_step"], status["newest_in_bucket_step"]
+        status["newest_uploaded"] = (uploader is None or local is None
+                                     or (in_bucket is not None and in_bucket >= local))
+        return status
 
     def _prune_local(self) -> None:
-        # Safe while uploads run: submit() returned only after the previous upload finished, so every
-        # checkpoint but the newest (always kept) is already in the bucket.
-        prune(self.local, self.cfg.keep_last, self.cfg.keep_best, self.cfg.best_metric, self.cfg.best_mode,
-              log=self.log)
+        # With a bucket, every checkpoint newer than the newest one confirmed there stays: it may be the only
+        # copy (its upload failed, or waits). Runs after each save and after each confirmed upload.
+        with self._prune_lock:
+            keep_newer = None
+            if self.uploader is not None:
+                in_bucket = self._status["newest_in_bucket_step"]
+                keep_newer = -1 if in_bucket is None else in_bucket
+            prune(self.local, self.cfg.keep_last, self.cfg.keep_best, self.cfg.best_metric, self.cfg.best_mode,
+                  log=self.log, keep_newer_than=keep_newer)
+            newest = self._newest_step(self.local)
+        with self._lock:
+            self._status["newest_local_step"] = newest
 
     def wait_for_uploads(self, timeout: float | None = None) -> bool:
-        """Block until queued uploads are done (or ``timeout`` seconds passed); True when all finished."""
+        """Block until nothing uploads and nothing waits for its first try (or ``timeout`` seconds passed); True
+        when so. A failed upload waiting for its next try does not hold it."""
         if self.uploader is None:
             return True
         done = self.uploader.wait(timeout)
-        for error in self.uploader.errors[len(self.upload_errors):]:
-            self.upload_errors.append(error)
-            self.log(f"checkpoint upload failed: {error}")
+        self.upload_errors.extend(self.uploader.errors[len(self.upload_errors):])
         return done
 
     def close(self, timeout: float | None = None) -> bool:
-        done = self.wait_for_uploads(timeout)
-        if self.uploader is not None:
-            self.uploader.close(timeout=0 if not done else timeout)
-        return done
+        """Finish the uploads within ``timeout`` seconds and stop the uploader; True when the newest local
+        checkpoint is in the bucket (always True without a bucket, and on ranks that upload nothing).
+
+        A failed upload is tried again until ``checkpoint.upload_alarm_after`` tries failed in a row (once more
+        if the alarm was already raised): a bucket that is down ends a run in minutes, not never."""
+        if self.uploader is None:
+            return True
+        with self._lock:
+            retries = 1 if self._status["alarm"] else self.cfg.upload_alarm_after - self._status["failed_in_a_row"]
+        self.uploader.close(timeout, retries=max(1, retries))
+        self.wait_for_uploads(0)
+        status = self.upload_status()
+        if not status["newest_uploaded"]:
+            self.log(f"checkpoint step {status['newest_local_step']} is only on this disk ({self.run_dir}): the "
+                     f"newest in {status['bucket']} is {_step_text(status['newest_in_bucket_step'])}")
+        return status["newest_uploaded"]
 
     # --- resuming ---------------------------------------------------------------------------------------
 

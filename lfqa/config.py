@@ -306,6 +306,19 @@ class CheckpointConfig:
     (Kubernetes kills the pod terminationGracePeriodSeconds after SIGTERM: keep this below that)."""
     upload_workers: int = 8
     """Parallel multipart transfers per file (boto3's transfer manager)."""
+    upload_wait_seconds: float = 10.0
+    """At a checkpoint, wait at most this long for the previous upload to finish; then training goes on and the
+    new checkpoint waits its turn (a newer one replaces it: when the bucket is slow or down, the newest goes next)."""
+    upload_retry_seconds: float = 30.0
+    """A failed upload of the newest checkpoint is tried again after this long, until the bucket answers. Until
+    then no local checkpoint newer than the newest one in the bucket is deleted."""
+    upload_alarm_after: int = 3
+    """After this many failed uploads in a row, say so on a log line of its own (and in the upload status)."""
+    s3_max_attempts: int = 6
+    """Tries per S3 request (the first one included) before an upload counts as failed."""
+    s3_timeout_seconds: float = 5.0
+    """Seconds per try to connect and to wait for an answer: a server that stops answering fails a request in
+    about ``s3_max_attempts`` x this (a write in twice that), not in minutes."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
@@ -316,6 +329,11 @@ class CheckpointConfig:
         _check(bool(self.resume.strip()), "checkpoint.resume", "must be auto, never, a path or an s3:// URI")
         _check(self.preemption_grace_seconds >= 0, "checkpoint.preemption_grace_seconds", "must be >= 0")
         _check(self.upload_workers > 0, "checkpoint.upload_workers", "must be > 0")
+        _check(self.upload_wait_seconds >= 0, "checkpoint.upload_wait_seconds", "must be >= 0")
+        _check(self.upload_retry_seconds > 0, "checkpoint.upload_retry_seconds", "must be > 0")
+        _check(self.upload_alarm_after >= 1, "checkpoint.upload_alarm_after", "must be >= 1")
+        _check(self.s3_max_attempts >= 1, "checkpoint.s3_max_attempts", "must be >= 1")
+        _check(self.s3_timeout_seconds > 0, "checkpoint.s3_timeout_seconds", "must be > 0")
 
 
 @dataclass

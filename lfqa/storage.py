@@ -27,17 +27,16 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-
-from lfqa.errors import LfqaError
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
 
-class StorageError(LfqaError, RuntimeError):
+class StorageError(RuntimeError):
     """A storage operation failed. The message is one line: what, where (bucket/URI/endpoint), why; never a secret."""
 
 
@@ -188,8 +187,12 @@ class LocalStore:
         os.replace(tmp, dst)
 
     def list_subdirs(self, subpath: str = "") -> list[str]:
+        """The sub-folders that hold at least one file (an empty folder counts as absent, as on S3)."""
         base = self._path(subpath)
-        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir()
+                      if p.is_dir() and next((f for f in p.rglob("*") if f.is_file()), None) is not None)
 
     def list_files(self, subpath: str = "") -> list[str]:
         base = self._path(subpath)
@@ -230,6 +233,20 @@ def _is_aws_endpoint(url: str) -> bool:
 
 
 _ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[A-Z0-9]{12,}\b")
+_SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+#: Client limits of :class:`S3Store` (``checkpoint.s3_max_attempts`` / ``checkpoint.s3_timeout_seconds``).
+DEFAULT_MAX_ATTEMPTS = 6
+DEFAULT_TIMEOUT = 5.0
+
+
+def redact_secrets(text: str, extra: tuple[str | None, ...] = ()) -> str:
+    """``text`` on one line, without the AWS credentials of the environment (or ``extra``) or anything shaped
+    like an access key id."""
+    for secret in [os.environ.get(v) for v in _SECRET_VARS] + list(extra):
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return _ACCESS_KEY_ID.sub("***", " ".join(str(text).split()))
 
 _CODE_HINTS = {
     "NoSuchBucket": "the bucket does not exist",
@@ -248,33 +265,41 @@ _CODE_HINTS = {
 class S3Store:
     """An ``s3://bucket/prefix`` on AWS or any S3-compatible endpoint.
 
-    Every request retries (botocore "standard" mode: exponential backoff on 5xx, throttling and dropped
-    connections); files go through boto3's transfer manager (multipart above ``multipart_threshold``,
-    ``workers`` parallel transfers). Missing objects raise ``FileNotFoundError``; everything else that fails
-    raises :class:`StorageError`.
+    Every request retries (botocore "standard" mode: exponential backoff on 5xx, throttling, dropped connections
+    and timeouts), at most ``max_attempts`` tries of at most ``timeout`` seconds each to connect and to wait for
+    an answer. An endpoint that accepts connections and never replies fails a read in about
+    ``max_attempts * timeout`` seconds and a write in twice that (it first waits for "100 Continue"): at most a
+    minute by default, not many minutes. Files go
+    through boto3's transfer manager (multipart above ``multipart_threshold``, ``workers`` parallel transfers).
+    Missing objects raise ``FileNotFoundError``; everything else that fails raises :class:`StorageError`.
     """
 
     def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None, workers: int = 8,
                  *, multipart_threshold: int = 16 * MiB, multipart_chunksize: int = 16 * MiB,
-                 max_attempts: int = 10, connect_timeout: float = 10.0, read_timeout: float = 60.0):
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, timeout: float = DEFAULT_TIMEOUT):
         import boto3
         from boto3.s3.transfer import TransferConfig
 
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.workers = max(1, int(workers))
+        self.max_attempts, self.timeout = max(1, int(max_attempts)), float(timeout)
+        self._multipart = (multipart_threshold, multipart_chunksize)
+        connect_timeout = read_timeout = self.timeout
         self._session = boto3.session.Session(region_name=region)
         # Resolved once here (the client would do the same) so that error messages can redact them.
         self._credentials = self._session.get_credentials()
         self._endpoint_url = endpoint_url  # None: botocore's own lookup (AWS_ENDPOINT_URL, profile, AWS)
         self._region = region
         self._s3_options: dict | None = None
-        self._client = self._make_client(max_attempts, connect_timeout, read_timeout, max_pool=self.workers + 2)
+        self._client = self._make_client(self.max_attempts, connect_timeout, read_timeout,
+                                            max_pool=self.workers + 2)
         self.endpoint = self._client.meta.endpoint_url
         if not _is_aws_endpoint(self.endpoint):
             # S3-compatible stores (MinIO, SeaweedFS, Ceph) rarely have wildcard DNS for bucket.host: use path style.
             self._s3_options = {"addressing_style": "path"}
-            self._client = self._make_client(max_attempts, connect_timeout, read_timeout, max_pool=self.workers + 2)
+            self._client = self._make_client(self.max_attempts, connect_timeout, read_timeout,
+                                            max_pool=self.workers + 2)
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize,
             max_concurrency=self.workers, use_threads=True, preferred_transfer_client="classic")
@@ -291,6 +316,12 @@ class S3Store:
     def __repr__(self) -> str:
         return f"S3Store({self.uri!r}, endpoint={self.endpoint!r})"
 
+    def with_limits(self, max_attempts: int, timeout: float) -> S3Store:
+        """The same store with other client limits (tries per request, seconds per try)."""
+        threshold, chunksize = self._multipart
+        return S3Store(self.uri, self._endpoint_url, self._region, self.workers, multipart_threshold=threshold,
+                       multipart_chunksize=chunksize, max_attempts=max_attempts, timeout=timeout)
+
     # -- naming and errors
 
     def _key(self, path: str = "") -> str:
@@ -305,17 +336,14 @@ class S3Store:
         return f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"
 
     def _redact(self, text: str) -> str:
-        secrets = [os.environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+        secrets: list[str | None] = []
         if self._credentials is not None:
             try:
                 frozen = self._credentials.get_frozen_credentials()
                 secrets += [frozen.access_key, frozen.secret_key, frozen.token]
             except Exception:  # a refresh failure must not hide the error being reported
                 pass
-        for secret in secrets:
-            if secret and len(secret) >= 4:
-                text = text.replace(secret, "***")
-        return _ACCESS_KEY_ID.sub("***", " ".join(text.split()))
+        return redact_secrets(text, tuple(secrets))
 
     def _cause(self, exc: BaseException) -> str:
         from botocore.exceptions import (
@@ -515,7 +543,11 @@ class S3Store:
     # -- listing and deleting
 
     def list_subdirs(self, subpath: str = "") -> list[str]:
-        """Names of the immediate "folders" under ``subpath`` (sorted)."""
+        """Names of the immediate "folders" under ``subpath`` that hold at least one object (sorted).
+
+        Some stores keep listing a prefix as a folder after its last object was deleted (SeaweedFS for about two
+        minutes): each listed prefix is looked into once, and an empty one counts as absent, as on AWS.
+        """
         prefix = self._dir_prefix(subpath)
         names = set()
         try:
@@ -523,9 +555,13 @@ class S3Store:
                 Bucket=self.bucket, Prefix=prefix, Delimiter="/")
             for page in pages:
                 names.update(cp["Prefix"][len(prefix):].rstrip("/") for cp in page.get("CommonPrefixes", []))
+            return sorted(n for n in names if n and self._has_objects(f"{prefix}{n}/"))
         except Exception as e:
             raise self._error(f"cannot list {self.url(subpath)}/", e) from None
-        return sorted(n for n in names if n)
+
+    def _has_objects(self, key_prefix: str) -> bool:
+        page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=key_prefix, MaxKeys=1)
+        return bool(page.get("KeyCount") or page.get("Contents"))
 
     def list_files(self, subpath: str = "") -> list[str]:
         """Every object under ``subpath``, as sorted paths relative to it."""
@@ -556,10 +592,12 @@ class S3Store:
 
 
 def open_store(uri: str | Path, endpoint_url: str | None = None, region: str | None = None,
-               workers: int = 8) -> S3Store | LocalStore:
+               workers: int = 8, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+               timeout: float = DEFAULT_TIMEOUT) -> S3Store | LocalStore:
     """``s3://...`` -> :class:`S3Store`; anything else is a local folder -> :class:`LocalStore`."""
     if str(uri).startswith("s3://"):
-        return S3Store(str(uri), endpoint_url=endpoint_url, region=region, workers=workers)
+        return S3Store(str(uri), endpoint_url=endpoint_url, region=region, workers=workers,
+                       max_attempts=max_attempts, timeout=timeout)
     if "://" in str(uri):
         raise StorageError(f"unsupported storage URI {str(uri)!r}: use s3://bucket/prefix or a local folder")
     return LocalStore(uri)
@@ -568,91 +606,196 @@ def open_store(uri: str | Path, endpoint_url: str | None = None, region: str | N
 # ---------------------------------------------------------------------------------------------------------- uploader
 
 
-class BackgroundUploader:
-    """Uploads finished folders on one background thread, one at a time, in the order they were submitted.
+@dataclass
+class _Upload:
+    local_dir: Path
+    remote_subpath: str
+    marker: str | None
+    exclude: tuple[str, ...]
+    attempts: int = 0
+    not_before: float = 0.0
 
-    ``submit`` returns at once unless the previous upload is still running; then it waits for it (a checkpoint
-    must never overtake the one before it) and returns how long it waited. A failed upload is logged and kept in
-    ``errors``; it never raises into the training loop. ``on_done(remote_subpath, ok)`` runs on the worker after
-    each upload (retention goes there).
+
+class BackgroundUploader:
+    """Uploads finished folders on one background thread, one at a time; when it falls behind, the newest first.
+
+    ``submit`` returns at once when nothing is uploading. Otherwise it waits for the running upload, at most
+    ``wait_seconds`` (None: as long as it takes, so that every folder is uploaded, in order), and then leaves the
+    folder in a queue of one place: a newer ``submit`` takes that place and the older folder is dropped (reported,
+    kept in ``dropped``). So when the store is slow or down, the next upload is always of the newest folder, and
+    a stuck upload holds the caller for at most ``wait_seconds``.
+
+    A failed upload is reported and kept in ``errors``; it never raises into the caller. With ``retry_seconds``
+    it is tried again that long after each failure, until it succeeds or a newer folder takes its place.
+    ``on_done(remote_subpath, ok)`` runs on the worker after each try (retention goes there). ``report`` gets
+    each one-line message (default: this module's logger).
     """
 
     def __init__(self, store: Store, on_done: Callable[[str, bool], None] | None = None, isolate: bool = False,
-                 nice: int = 19):
+                 nice: int = 19, *, wait_seconds: float | None = None, retry_seconds: float | None = None,
+                 report: Callable[[str], None] | None = None):
         self.store = store
         self.on_done = on_done
         # isolate: each upload runs in a child process at the lowest CPU priority (see upload_in_child).
         self.isolate = isolate and isinstance(store, S3Store)
         self.nice = nice
+        self.wait_seconds = wait_seconds
+        self.retry_seconds = retry_seconds
+        self.report = report or (lambda message: log.warning("%s", message))
         self.errors: list[str] = []
         self.completed: list[str] = []
+        self.dropped: list[str] = []
+        self.last_error: str | None = None
+        self.last_ok: bool | None = None
         self._cond = threading.Condition()
-        self._job: tuple[Path, str, str | None, tuple[str, ...]] | None = None
+        self._pending: _Upload | None = None
+        self._running: _Upload | None = None
         self._closing = False
+        self._cancelled = False
+        self._deadline: float | None = None
+        self._close_retries = 0
+        self._child: subprocess.Popen | None = None
         self._thread = threading.Thread(target=self._run, name="lfqa-uploader", daemon=True)
         self._thread.start()
 
     @property
     def busy(self) -> bool:
         with self._cond:
-            return self._job is not None
+            return self._running is not None or self._pending is not None
+
+    @property
+    def queued(self) -> str | None:
+        """The remote path of the folder waiting for its (next) try, if any."""
+        with self._cond:
+            return self._pending.remote_subpath if self._pending is not None else None
 
     def submit(self, local_dir: str | Path, remote_subpath: str, marker: str | None = None,
                exclude: tuple[str, ...] = ()) -> float:
         started = time.monotonic()
+        limit = None if self.wait_seconds is None else started + self.wait_seconds
+        dropped = None
         with self._cond:
             if self._closing:
                 raise RuntimeError("BackgroundUploader is closed")
-            while self._job is not None:
-                self._cond.wait()
-            self._job = (Path(local_dir), remote_subpath, marker, tuple(exclude))
+            while self._running is not None or (self._pending is not None and not self._pending.attempts):
+                left = None if limit is None else limit - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+            if self._pending is not None:
+                dropped = self._pending.remote_subpath
+                self.dropped.append(dropped)
+            self._pending = _Upload(Path(local_dir), remote_subpath, marker, tuple(exclude))
             self._cond.notify_all()
         waited = time.monotonic() - started
-        if waited > 1.0:
-            log.warning("checkpoint upload of %s waited %.1f s for the previous upload", remote_subpath, waited)
+        if dropped is not None:
+            self.report(f"{dropped} will not be uploaded: {remote_subpath} is newer and goes first")
         return waited
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until no upload is queued or running; False if ``timeout`` passed first."""
+        """Block until nothing runs and nothing waits for its first try (a failed folder waiting to be tried
+        again does not count); False if ``timeout`` passed first."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._job is None, timeout)
+            return self._cond.wait_for(
+                lambda: self._running is None and (self._pending is None or self._pending.attempts > 0), timeout)
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Finish the running upload (at most ``timeout`` seconds) and stop the thread; True if it finished."""
+    def close(self, timeout: float | None = None, retries: int = 0) -> bool:
+        """Finish what is queued and stop the thread; True if the last upload succeeded and nothing is left.
+
+        A folder that fails from now on is tried again at most ``retries`` more times (``retry_seconds`` apart),
+        all within ``timeout`` seconds: past it, a running upload in a child process is killed, the queue is
+        dropped and the thread is left to end.
+        """
         with self._cond:
             self._closing = True
+            self._deadline = None if timeout is None else time.monotonic() + timeout
+            self._close_retries = retries
             self._cond.notify_all()
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            self._cancel()
+            self._thread.join(5)
+        with self._cond:
+            return not self._thread.is_alive() and self._pending is None and self.last_ok is not False
+
+    def _cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            if self._pending is not None:
+                self.dropped.append(self._pending.remote_subpath)
+                self._pending = None
+            child = self._child
+            self._cond.notify_all()
+        if child is not None and child.poll() is None:
+            child.kill()
+
+    def _next(self) -> _Upload | None:
+        """The folder to upload now (waiting for it to be queued or due); None when closed."""
+        with self._cond:
+            while True:
+                if self._cancelled or (self._pending is None and self._closing):
+                    return None
+                job, now = self._pending, time.monotonic()
+                if job is None:
+                    self._cond.wait()
+                elif job.not_before > now:
+                    self._cond.wait(job.not_before - now)
+                else:
+                    self._pending, self._running = None, job
+                    return job
+
+    def _retry_later(self, job: _Upload) -> bool:
+        """Called with the lock held after ``job`` failed: queue it again if that is allowed."""
+        if self.retry_seconds is None or self._cancelled or self._pending is not None:
+            return False
+        due = time.monotonic() + self.retry_seconds
+        if self._closing:
+            if self._close_retries <= 0 or (self._deadline is not None and due >= self._deadline):
+                return False
+            self._close_retries -= 1
+        job.attempts += 1
+        job.not_before = due
+        self._pending = job
+        return True
+
+    def _set_child(self, child: subprocess.Popen) -> None:
+        with self._cond:
+            self._child = child
+            cancelled = self._cancelled
+        if cancelled:
+            child.kill()
+
+    def _upload(self, job: _Upload) -> None:
+        if self.isolate:
+            upload_in_child(self.store, job.local_dir, job.remote_subpath, job.marker, job.exclude, self.nice,
+                            on_start=self._set_child)
+        else:
+            self.store.upload_dir(job.local_dir, job.remote_subpath, job.marker, exclude=job.exclude)
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._job is not None or self._closing)
-                if self._job is None:
-                    return
-                local_dir, remote_subpath, marker, exclude = self._job
+        while (job := self._next()) is not None:
             ok = False
             try:
-                if self.isolate:
-                    upload_in_child(self.store, local_dir, remote_subpath, marker, exclude, self.nice)
-                else:
-                    self.store.upload_dir(local_dir, remote_subpath, marker, exclude=exclude)
+                self._upload(job)
                 ok = True
-                self.completed.append(remote_subpath)
+                self.completed.append(job.remote_subpath)
             except Exception as e:  # reported, never raised into training
-                message = f"upload of {remote_subpath} failed: {e}"
-                log.error("%s", message)
+                message = f"upload of {job.remote_subpath} failed: {e}"
+                self.last_error = message
                 self.errors.append(message)
+                self.report(message)
+            self.last_ok = ok
             if self.on_done is not None:
                 try:
-                    self.on_done(remote_subpath, ok)
+                    self.on_done(job.remote_subpath, ok)
                 except Exception as e:
-                    message = f"after-upload step for {remote_subpath} failed: {e}"
-                    log.error("%s", message)
+                    message = f"after-upload step for {job.remote_subpath} failed: {e}"
                     self.errors.append(message)
+                    self.report(message)
             with self._cond:
-                self._job = None
+                self._running, self._child = None, None
+                if not ok:
+                    self._retry_later(job)
                 self._cond.notify_all()
 
 
@@ -740,24 +883,33 @@ __all__ = ["BackgroundUploader", "LocalStore", "S3Store", "Store", "StorageError
 
 
 def upload_in_child(store: S3Store, local_dir: str | Path, remote_subpath: str, marker: str | None,
-                    exclude: tuple[str, ...] = (), nice: int = 19) -> None:
+                    exclude: tuple[str, ...] = (), nice: int = 19,
+                    on_start: Callable[[subprocess.Popen], None] | None = None) -> None:
     """``store.upload_dir`` in a child process at the lowest CPU priority.
 
     A thread in the training process would share its GIL (boto3 signs, hashes and reads in Python) and its
     cores at equal priority: on a busy machine every step slows down while a checkpoint uploads. A child
     process at nice 19 gets CPU only when training leaves some. Credentials reach it through the inherited
-    environment, never the command line; its error comes back as one StorageError line.
+    environment, never the command line; its error comes back as one StorageError line. ``on_start`` gets the
+    child (to kill it: the upload then fails as cancelled).
     """
     spec = {"uri": store.uri, "endpoint_url": store._endpoint_url, "region": store._region,
-            "workers": store.workers, "local_dir": str(local_dir), "remote_subpath": remote_subpath,
-            "marker": marker, "exclude": list(exclude), "nice": nice}
+            "workers": store.workers, "max_attempts": store.max_attempts, "timeout": store.timeout,
+            "local_dir": str(local_dir), "remote_subpath": remote_subpath, "marker": marker,
+            "exclude": list(exclude), "nice": nice}
     # The child lowers its own priority: a preexec_fn would make subprocess fork() the training process,
     # which fails with ENOMEM once that process maps more than the kernel's overcommit heuristic allows
     # (tens of GB of untouched buffers are common); without one, subprocess uses vfork.
-    proc = subprocess.run([sys.executable, "-m", "lfqa.storage", "upload-dir"], input=json.dumps(spec),
-                          capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lfqa.storage", "upload-dir"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if on_start is not None:
+        on_start(proc)
+    _, stderr = proc.communicate(json.dumps(spec))
+    if proc.returncode < 0:
+        raise StorageError(f"upload of {local_dir} to {store.url(remote_subpath)} was stopped "
+                           f"(signal {-proc.returncode}); its marker was not written")
     if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
         raise StorageError(lines[-1] if lines else f"upload process for {store.url(remote_subpath)} exited "
                            f"with status {proc.returncode}")
 
@@ -771,7 +923,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(sys.stdin.read())
     os.nice(spec.get("nice", 0))
     try:
-        store = open_store(spec["uri"], spec["endpoint_url"], spec["region"], spec["workers"])
+        store = open_store(spec["uri"], spec["endpoint_url"], spec["region"], spec["workers"],
+                           spec.get("max_attempts", DEFAULT_MAX_ATTEMPTS), spec.get("timeout", DEFAULT_TIMEOUT))
         store.upload_dir(spec["local_dir"], spec["remote_subpath"], spec["marker"], exclude=tuple(spec["exclude"]))
     except StorageError as err:
         print(str(err).replace("\n", " "), file=sys.stderr)

@@ -85,4 +85,4 @@ def trained(tmp_path_factory):
 
 
 # S3 on loopback (moto server, fault-injecting proxy): fixtures for any test file; helpers via `from s3_server import`.
-from s3_server import fault_proxy, moto_server, s3_bucket, s3_env  # noqa: E402, F401
+from s3_server import fault_proxy, moto_server, object_store, s3_bucket, s3_env, seaweedfs_server  # noqa: E402, F401

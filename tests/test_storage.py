@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -77,12 +78,13 @@ def test_open_store(s3_env, tmp_path):
         open_store("gs://bucket/run")
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "moto", "seaweedfs"])
 def store(request, tmp_path):
     if request.param == "local":
         return LocalStore(tmp_path / "store")
-    bucket = request.getfixturevalue("s3_bucket")
-    return S3Store(f"s3://{bucket}/runs/x", endpoint_url=request.getfixturevalue("moto_server").endpoint)
+    request.getfixturevalue("s3_env")
+    server = request.getfixturevalue(f"{request.param}_server")
+    return S3Store(f"s3://{server.make_bucket()}/runs/x", endpoint_url=server.endpoint)
 
 
 def test_store_round_trip(store, tmp_path):
@@ -330,7 +332,7 @@ def test_background_uploader_on_s3(s3_bucket, moto_server, fault_proxy, tmp_path
     assert f"s3://{s3_bucket}/run/ckpt/2" in uploader.errors[0] and "retention broke" in uploader.errors[1]
     fault_proxy.heal()
     assert store.exists(f"ckpt/1/{MARKER}") and not store.exists(f"ckpt/2/{MARKER}")
-    assert uploader.close(timeout=10)
+    assert uploader.close(timeout=10) is False  # the last upload failed and nothing retries it
 
 
 # ---------------------------------------------------------------------------------------------------------- staging
@@ -408,3 +410,140 @@ def test_isolated_upload_runs_in_a_low_priority_child_and_reports_its_errors(mot
     assert len(failing.errors) == 1 and "no-such-bucket-for-lfqa" in failing.errors[0]
     assert "\n" not in failing.errors[0] and s3_env["AWS_SECRET_ACCESS_KEY"] not in failing.errors[0]
     failing.close(10)
+
+
+# ---------------------------------------------------------------------------------------------------------- real stores
+
+
+def test_an_emptied_prefix_counts_as_absent(object_store, tmp_path):
+    """SeaweedFS keeps listing a prefix whose objects were all deleted (for ~2 minutes); the store does not."""
+    make_tree(tmp_path / "src")
+    bucket = object_store.make_bucket()
+    store = S3Store(f"s3://{bucket}/run", endpoint_url=object_store.endpoint)
+    for name in ("step-00000001", "step-00000002"):
+        store.upload_dir(tmp_path / "src", f"checkpoints/{name}", marker=MARKER)
+    store.delete_prefix("checkpoints/step-00000001", marker=MARKER)
+    raw = object_store.client().list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/", Delimiter="/")
+    listed = {p["Prefix"] for p in raw.get("CommonPrefixes", [])}
+    if type(object_store).__name__ == "SeaweedS3":
+        assert "run/checkpoints/step-00000001/" in listed  # the server's own listing still has it
+    assert store.list_subdirs("checkpoints") == ["step-00000002"]
+    assert store.list_files("checkpoints/step-00000001") == []
+
+
+def test_seaweedfs_checks_credentials(seaweedfs_server, s3_env, monkeypatch):
+    bucket = seaweedfs_server.make_bucket()
+    S3Store(f"s3://{bucket}/run", endpoint_url=seaweedfs_server.endpoint).check()
+    for access_key, secret_key, expected in [("AKIAFAKEFAKEFAKE1234", "not-a-real/secret+value1234",
+                                              "InvalidAccessKeyId"),
+                                             (s3_env["AWS_ACCESS_KEY_ID"], "wrong/secret+value-1234",
+                                              "SignatureDoesNotMatch")]:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
+        with pytest.raises(StorageError) as err:
+            S3Store(f"s3://{bucket}/run", endpoint_url=seaweedfs_server.endpoint).check()
+        assert_clean_message(err.value, f"s3://{bucket}/run", expected, secrets=(access_key, secret_key))
+
+
+# ------------------------------------------------------------------------------------------------------ stuck stores
+
+
+def test_a_server_that_never_answers_fails_a_request_in_bounded_time(s3_env):
+    from s3_server import BlackHole
+
+    with BlackHole() as hole:
+        store = S3Store("s3://some-bucket/run", endpoint_url=hole.endpoint, max_attempts=2, timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(StorageError) as err:
+            store.write_text("x.txt", "x")
+        seconds = time.monotonic() - started
+    assert 3.5 < seconds < 9, seconds  # two tries, each a second for "100 Continue" and one for the answer
+    assert_clean_message(err.value, "s3://some-bucket/run/x.txt", "did not answer in time",
+                         secrets=(s3_env["AWS_SECRET_ACCESS_KEY"],))
+    # The defaults bound a write (two waits per try) to a minute; the limits travel to copies of the store.
+    default = S3Store("s3://some-bucket/run", endpoint_url=hole.endpoint)
+    assert 2 * default.max_attempts * default.timeout <= 60
+    tuned = default.with_limits(3, 2.5)
+    assert (tuned.max_attempts, tuned.timeout, tuned.uri, tuned.endpoint) == (3, 2.5, default.uri, default.endpoint)
+    assert tuned._client.meta.config.read_timeout == 2.5
+
+
+class GatedStore(LocalStore):
+    """A LocalStore whose uploads wait for their gate (an Event per name) and fail while ``failing`` is set."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.gates: dict[str, threading.Event] = {}
+        self.failing = threading.Event()
+        self.tries: list[str] = []
+
+    def upload_dir(self, local_dir, remote_subpath, marker=None, exclude=()):
+        self.tries.append(remote_subpath)
+        self.gates.get(remote_subpath, _OPEN).wait(30)
+        if self.failing.is_set():
+            raise StorageError(f"upload to {self.url(remote_subpath)} failed: the store is down")
+        return super().upload_dir(local_dir, remote_subpath, marker, exclude=exclude)
+
+
+_OPEN = threading.Event()
+_OPEN.set()
+
+
+def test_a_stuck_upload_holds_submit_for_at_most_wait_seconds_and_the_newest_goes_next(tmp_path):
+    make_tree(tmp_path / "src")
+    store = GatedStore(tmp_path / "store")
+    store.gates["ckpt/1"] = threading.Event()  # the first upload hangs
+    messages, done = [], []
+    uploader = BackgroundUploader(store, on_done=lambda sub, ok: done.append((sub, ok)), wait_seconds=0.3,
+                                  report=messages.append)
+    assert uploader.submit(tmp_path / "src", "ckpt/1", MARKER) < 0.1
+    for name in ("ckpt/2", "ckpt/3"):
+        started = time.monotonic()
+        waited = uploader.submit(tmp_path / "src", name, MARKER)
+        assert 0.25 < waited < 0.6 and time.monotonic() - started < 0.7, waited
+    assert uploader.queued == "ckpt/3" and uploader.dropped == ["ckpt/2"]
+    assert any("ckpt/2 will not be uploaded: ckpt/3 is newer" in m for m in messages), messages
+    store.gates["ckpt/1"].set()
+    assert uploader.close(timeout=10)
+    assert done == [("ckpt/1", True), ("ckpt/3", True)]
+    assert store.list_subdirs("ckpt") == ["1", "3"]
+
+
+def test_a_failed_upload_is_tried_again_until_the_store_answers(tmp_path):
+    make_tree(tmp_path / "src")
+    store = GatedStore(tmp_path / "store")
+    store.failing.set()
+    done = []
+    uploader = BackgroundUploader(store, on_done=lambda sub, ok: done.append((sub, ok)), retry_seconds=0.1,
+                                  report=lambda message: None)
+    uploader.submit(tmp_path / "src", "ckpt/1", MARKER)
+    deadline = time.monotonic() + 10
+    while len(store.tries) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert uploader.wait(timeout=5)  # a folder waiting for its next try does not hold wait()
+    store.failing.clear()  # the store is back
+    while not store.exists(f"ckpt/1/{MARKER}"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert uploader.close(timeout=5)
+    assert done[-1] == ("ckpt/1", True) and {d for d in done[:-1]} == {("ckpt/1", False)}
+    assert len(uploader.errors) == len(done) - 1 >= 2
+
+
+def test_close_stops_a_hung_upload_in_a_child_within_its_timeout(s3_bucket, fault_proxy, tmp_path):
+    make_tree(tmp_path / "src")
+    store = S3Store(f"s3://{s3_bucket}/run", endpoint_url=fault_proxy.endpoint, timeout=60)
+    fault_proxy.fail_after(0, "hang")
+    uploader = BackgroundUploader(store, isolate=True, retry_seconds=0.1, report=lambda message: None)
+    uploader.submit(tmp_path / "src", "ckpt/1", MARKER)
+    deadline = time.monotonic() + 30
+    while not fault_proxy.injected():  # the child is up and its first request hangs
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    started = time.monotonic()
+    assert uploader.close(timeout=1.0, retries=5) is False
+    assert time.monotonic() - started < 4
+    assert uploader.errors and "was stopped (signal 9)" in uploader.errors[-1]
+    fault_proxy.heal()
+    assert not store.exists(f"ckpt/1/{MARKER}")
