@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from lfqa.errors import LfqaError
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
 
-class StorageError(RuntimeError):
+class StorageError(LfqaError, RuntimeError):
     """A storage operation failed. The message is one line: what, where (bucket/URI/endpoint), why; never a secret."""
 
 
