@@ -232,7 +232,15 @@ class WandbTracker:
     holds the continuation and ``wandb sync`` joins them. W&B drops (with a warning) any step not greater than
     the last one it has, so a job resumed from a checkpoint older than its last log line loses those steps.
     ``config`` (the resolved job config) is logged through :func:`redact`.
+
+    wandb-core keeps the records of the last partial 32 KiB block of the run's ``.wandb`` file in memory until a
+    flush (every ``FLUSH_SECONDS`` here, 15 s by wandb's default) and a step's row until a later step is logged:
+    a SIGKILL loses them. :meth:`flush` before each checkpoint makes every step up to it reach the file, and
+    :meth:`files_to_checkpoint` / :meth:`restore_files` carry the offline run files with the checkpoints, so that
+    a new pod with an empty disk still has the whole offline history to ``wandb sync``.
     """
+
+    FLUSH_SECONDS = 1.0
 
     def __init__(self, cfg: WandbConfig, run_dir: str | Path, config: dict, resume_id: str | None = None):
         import wandb
@@ -251,8 +259,13 @@ class WandbTracker:
             resume="allow",
             mode=self._mode,
             job_type="train",
+            settings=wandb.Settings(x_transaction_log_flush_interval=self.FLUSH_SECONDS),
         )
         self._run_id: str = self._run.id
+        self._sync_file = Path(self._run.settings.sync_file)
+        self._last_step: int | None = None
+        self._committed_step: int | None = None
+        self._scan = (0, -1)  # (byte offset of the next unread record in the .wandb file, newest step read)
         if self._mode == "offline" and cfg.mode == "auto" and not os.environ.get("WANDB_MODE"):
             tqdm.write(f"wandb: no API key (WANDB_API_KEY or `wandb login`), so logging offline to "
                        f"{self.run_dir / 'wandb'}; upload later with: {wandb_sync_command(self.run_dir)}")
@@ -269,6 +282,7 @@ class WandbTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self._run is not None:
             self._run.log(dict(metrics), step=step)
+            self._last_step = step
 
     def log_samples(self, samples: list[dict], step: int) -> None:
         """Generated answers as a table ``eval/samples`` (columns step, question, generated, reference)."""
@@ -279,6 +293,105 @@ class WandbTracker:
         table = wandb.Table(columns=["step", "question", "generated", "reference"],
                             data=[[step, s["question"], s["generated"], s["reference"]] for s in samples])
         self._run.log({"eval/samples": table}, step=step)
+        self._last_step = step
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Make every step logged so far reach the run's ``.wandb`` file; True once it is there.
+
+        Commits the row of the last logged step (a later log call at that same step is then dropped by W&B:
+        call this after everything of the step is logged, right before the checkpoint) and waits, at most
+        ``timeout`` seconds, until wandb-core has written it, reading the file's new records to know.
+        """
+        step = self._last_step
+        if self._run is None or step is None:
+            return True
+        if self._committed_step != step:
+            self._run.log({}, step=step, commit=True)
+            self._committed_step = step
+        deadline = time.monotonic() + timeout
+        while self._newest_step_in_file() < step:
+            if time.monotonic() > deadline:
+                tqdm.write(f"wandb: step {step} did not reach {self._sync_file} within {timeout:g}s")
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _newest_step_in_file(self) -> int:
+        """The newest history step in the ``.wandb`` file; reads only what was added since the last call.
+
+        The file is a LevelDB-style log (7-byte header, 32 KiB blocks of chunks with a 7-byte header: CRC-32,
+        length, type FULL/FIRST/MIDDLE/LAST); a record cut at the end of the file is read again next time.
+        """
+        import struct
+
+        from wandb.proto import wandb_internal_pb2
+
+        block, header = 32 * 1024, struct.Struct("<IHB")
+        offset, newest = self._scan
+        try:
+            with self._sync_file.open("rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return newest
+        pos, start, record = max(offset, 7), offset, bytearray()
+        base = offset
+        while True:
+            left = block - pos % block
+            if left < header.size:
+                pos += left
+                continue
+            if pos + header.size > base + len(data):
+                break
+            _, length, kind = header.unpack_from(data, pos - base)
+            if kind == 0 and length == 0:  # the zeroed rest of a block
+                pos += left
+                continue
+            if pos + header.size + length > base + len(data):
+                break
+            record += data[pos - base + header.size: pos - base + header.size + length]
+            pos += header.size + length
+            if kind in (1, 4):  # FULL, LAST: a whole record
+                parsed = wandb_internal_pb2.Record()
+                parsed.ParseFromString(bytes(record))
+                if parsed.WhichOneof("record_type") == "history" and parsed.history.HasField("step"):
+                    newest = max(newest, parsed.history.step.num)
+                record, start = bytearray(), pos
+        self._scan = (max(start, 7), newest)
+        return newest
+
+    def files_to_checkpoint(self) -> dict[str, Path]:
+        """The files of this run's offline folders (this part's and earlier parts' brought back by
+        :meth:`restore_files`) as ``{"wandb/<folder>/<file>": path}``, for ``CheckpointManager.save``'s
+        ``extra_files``; W&B's own debug logs are left out. Empty unless offline (online, W&B has the history).
+        Call :meth:`flush` first."""
+        if self._mode != "offline":
+            return {}
+        files = {}
+        for folder in sorted((self.run_dir / "wandb").glob(f"offline-run-*-{self._run_id}")):
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for path in sorted(folder.rglob("*")):
+                rel = path.relative_to(folder)
+                if path.is_file() and rel.parts[0] != "logs":
+                    files[f"wandb/{folder.name}/{rel.as_posix()}"] = path
+        return files
+
+    @staticmethod
+    def restore_files(checkpoint_dir: str | Path, run_dir: str | Path) -> list[Path]:
+        """Bring the offline run files a checkpoint carries (its ``wandb/``) back into ``run_dir/wandb/``, each
+        where it is missing (one already there is this disk's own, at least as long). Returns those copied."""
+        import shutil
+
+        source = Path(checkpoint_dir) / "wandb"
+        restored = []
+        for path in sorted(source.rglob("*")) if source.is_dir() else []:
+            target = Path(run_dir) / "wandb" / path.relative_to(source)
+            if path.is_file() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                restored.append(target)
+        return restored
 
     def close(self) -> None:
         if self._run is None:

@@ -29,7 +29,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def read_records(path: str | Path) -> Iterator[wandb_internal_pb2.Record]:
-    """Every record of a ``.wandb`` file, in order; checks the header, the checksums and the chunk order."""
+    """Every record of a ``.wandb`` file, in order; checks the header, the checksums and the chunk order. A
+    record cut off by the end of the file (the process was killed, or the file copied while written) ends it."""
     data = Path(path).read_bytes()
     if not data.startswith(FILE_HEADER):
         raise ValueError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
@@ -39,12 +40,16 @@ def read_records(path: str | Path) -> Iterator[wandb_internal_pb2.Record]:
         if left_in_block < CHUNK_HEADER.size:
             pos += left_in_block
             continue
+        if pos + CHUNK_HEADER.size > len(data):
+            return  # cut inside a chunk header
         crc, length, kind = CHUNK_HEADER.unpack_from(data, pos)
         if kind == 0 and length == 0:  # zeroed rest of a block (a file cut mid-block ends the same way)
             pos += left_in_block
             continue
         chunk = data[pos + CHUNK_HEADER.size: pos + CHUNK_HEADER.size + length]
-        if len(chunk) != length or zlib.crc32(bytes([kind]) + chunk) != crc:
+        if len(chunk) != length:
+            return  # the file was cut (a SIGKILL, or copied while written) inside its last record
+        if zlib.crc32(bytes([kind]) + chunk) != crc:
             raise ValueError(f"{path}: corrupt chunk at byte {pos}")
         pos += CHUNK_HEADER.size + length
         if kind in (FULL, FIRST):
