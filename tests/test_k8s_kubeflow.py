@@ -335,3 +335,28 @@ def test_two_machines_train_under_operator(tmp_path, flavor):
     launch = (tmp_path / "machine1.log").read_text()
     assert "--num_machines 2 --num_processes 2 --machine_rank 1 --main_process_ip 127.0.0.1" in launch
     assert "--deepspeed_multinode_launcher standard" in launch
+
+
+@pytest.mark.parametrize(("flavor", "selector", "container", "done"), [
+    ("pytorchjob", "training.kubeflow.org/job-name=lfqa,training.kubeflow.org/replica-type=master", "pytorch",
+     "Succeeded"),
+    ("trainjob", "jobset.sigs.k8s.io/jobset-name=lfqa,batch.kubernetes.io/job-completion-index=0", "node", "Complete"),
+])
+def test_follow_script_under_operator(tmp_path, flavor, selector, container, done):
+    """`make k8s-logs FLAVOR=...` follows machine 0 of the operator's pods until its resource reports done."""
+    state = tmp_path / "state"
+    state.mkdir()
+    fake = write_stub(tmp_path / "kubectl", f"""
+args="$*"
+case "$args" in
+    "get {flavor} lfqa"*) if [[ -f {state}/followed ]]; then echo "Created Running {done} "; fi ;;
+    "get pods --selector {selector} "*) echo "lfqa-0 Running" ;;
+    "logs --follow --container {container} pod/lfqa-0") touch {state}/followed; echo "log of rank 0" ;;
+    *) echo "unexpected: $args" >&2; exit 1 ;;
+esac
+""")
+    env = {"PATH": "/usr/bin:/bin", "KUBECTL": fake, "FLAVOR": flavor, "FOLLOW_POLL_SECONDS": "0.1"}
+    proc = subprocess.run([str(ROOT / "k8s" / "follow.sh"), "lfqa"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "log of rank 0" in proc.stdout and f"{flavor}/lfqa completed" in proc.stdout
