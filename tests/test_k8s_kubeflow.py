@@ -15,6 +15,7 @@ import functools
 import gzip
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -360,3 +361,15 @@ esac
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "log of rank 0" in proc.stdout and f"{flavor}/lfqa completed" in proc.stdout
+
+
+@needs_kubectl
+def test_kubeflow_flavour_without_pyyaml_says_so():
+    """Outside the venv (python3 with no site packages here) the Job still renders; a Kubeflow flavour, which
+    rewrites YAML, says in one line what it needs."""
+    base = [sys.executable, "-S", "k8s/render.py", "--image", IMAGE, "--output-uri", OUTPUT_URI]
+    job = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert job.returncode == 0 and "kind: Job" in job.stdout, job.stderr
+    proc = subprocess.run([*base, "--flavor", "trainjob"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and not proc.stdout
+    assert "k8s/render.py: error: FLAVOR=trainjob needs PyYAML" in proc.stderr and "Traceback" not in proc.stderr
