@@ -97,7 +97,7 @@ def test_a_bucket_outage_loses_no_checkpoint_raises_an_alarm_and_the_newest_gets
     m = manager(tmp_path, proxied, lines)
     assert m.remote.max_attempts == 2 and m.remote.timeout == 1.0  # checkpoint.s3_* reach the uploads
     save(m, 1)
-    wait_for(lambda: m.upload_status()["newest_in_bucket_step"] == 1, 60, "step 1 in the bucket", lines)
+    wait_for(lambda: m.upload_status()["newest_in_bucket_step"] == 1, 120, "step 1 in the bucket", lines)
 
     fault_proxy.fail_after(0, "503")  # the bucket is down: every request fails
     for step in (2, 3, 4):
@@ -118,7 +118,7 @@ def test_a_bucket_outage_loses_no_checkpoint_raises_an_alarm_and_the_newest_gets
     assert names(bucket_store) == ["step-00000001"]
 
     fault_proxy.heal()  # the bucket answers again: the newest checkpoint is tried again and gets there
-    wait_for(lambda: m.upload_status()["newest_in_bucket_step"] == 4, 60, "step 4 in the bucket", lines)
+    wait_for(lambda: m.upload_status()["newest_in_bucket_step"] == 4, 120, "step 4 in the bucket", lines)
     wait_for(lambda: local_names(m) == ["step-00000004"], 10, "local retention after the upload", lines)
     assert names(bucket_store) == ["step-00000004"]
     status = m.upload_status()
@@ -132,7 +132,7 @@ def test_a_frozen_bucket_holds_a_save_for_at_most_upload_wait_seconds(bucket_sto
     lines: list[str] = []
     m = manager(tmp_path, proxied, lines, "checkpoint.upload_wait_seconds=1")
     save(m, 1)
-    wait_for(lambda: m.upload_status()["newest_in_bucket_step"] == 1, 60, "step 1 in the bucket", lines)
+    wait_for(lambda: m.upload_status()["newest_in_bucket_step"] == 1, 120, "step 1 in the bucket", lines)
 
     fault_proxy.fail_after(0, "hang")  # connections accepted, requests read, never an answer
     save(m, 2)
@@ -145,7 +145,7 @@ def test_a_frozen_bucket_holds_a_save_for_at_most_upload_wait_seconds(bucket_sto
     assert {"step-00000002", "step-00000003"} <= set(local_names(m))
 
     fault_proxy.heal()
-    wait_for(lambda: m.upload_status()["newest_in_bucket_step"] == 3, 60, "step 3 in the bucket", lines)
+    wait_for(lambda: m.upload_status()["newest_in_bucket_step"] == 3, 120, "step 3 in the bucket", lines)
     wait_for(lambda: names(bucket_store) == ["step-00000003"], 10, "retention in the bucket", lines)
     assert m.close(timeout=30) is True
 
@@ -155,7 +155,7 @@ def test_close_says_when_the_newest_checkpoint_never_reached_the_bucket(bucket_s
     lines: list[str] = []
     m = manager(tmp_path, proxied, lines, "checkpoint.upload_retry_seconds=0.2")
     save(m, 1)
-    wait_for(lambda: m.upload_status()["newest_in_bucket_step"] == 1, 60, "step 1 in the bucket", lines)
+    wait_for(lambda: m.upload_status()["newest_in_bucket_step"] == 1, 120, "step 1 in the bucket", lines)
     fault_proxy.fail_after(0, "hang")
     save(m, 2)
     started = time.monotonic()
@@ -167,3 +167,24 @@ def test_close_says_when_the_newest_checkpoint_never_reached_the_bucket(bucket_s
                and "is step 1" in line for line in lines), lines
     assert local_names(m) == ["step-00000002"] or "step-00000002" in local_names(m)
     fault_proxy.heal()
+
+
+def test_a_restarted_pod_uploads_the_newest_checkpoint_its_disk_kept(bucket_store, fault_proxy, tmp_path):
+    """The bucket was down when the previous pod saved steps 1 and 2 and stopped; the same disk comes back with
+    the bucket healthy: after resume, the newest local checkpoint is uploaded before any new one is saved."""
+    lines: list[str] = []
+    fault_proxy.fail_after(0, "503")
+    down = manager(tmp_path, S3Store(bucket_store.uri, endpoint_url=fault_proxy.endpoint), lines)
+    save(down, 1)
+    save(down, 2)
+    assert down.close(timeout=2) is False
+    assert names(bucket_store) == [] and local_names(down) == ["step-00000001", "step-00000002"]
+
+    back = manager(tmp_path, bucket_store, lines)
+    assert back.upload_status()["newest_uploaded"] is False
+    assert back.upload_newest_local() == "step-00000002"
+    wait_for(lambda: back.upload_status()["newest_in_bucket_step"] == 2, 60, "step 2 in the bucket", lines)
+    assert back.upload_newest_local() is None  # nothing newer than the bucket's any more
+    assert back.close(timeout=30) is True
+    assert names(bucket_store) == ["step-00000002"]
+    wait_for(lambda: local_names(back) == ["step-00000002"], 10, "local retention after the upload", lines)
