@@ -188,3 +188,40 @@ def test_a_restarted_pod_uploads_the_newest_checkpoint_its_disk_kept(bucket_stor
     assert back.close(timeout=30) is True
     assert names(bucket_store) == ["step-00000002"]
     wait_for(lambda: local_names(back) == ["step-00000002"], 10, "local retention after the upload", lines)
+
+
+def test_training_through_a_bucket_outage_alarms_and_ends_with_the_newest_checkpoint_in_the_bucket(
+        moto_server, fault_proxy, tmp_path):
+    """`python -m lfqa.train` with the bucket failing every request from its first checkpoint until the alarm:
+    the run goes on, says so on a line of its own, and once the bucket is back its newest checkpoint gets there."""
+    from test_checkpoints import bucket_files, checkpoint_names, s3_env_for, single_cmd, start_and_wait_for
+
+    bucket = moto_server.make_bucket()
+    uri = f"s3://{bucket}/run"
+    log = tmp_path / "train.log"
+    cmd = single_cmd(tmp_path / "run", tmp_path, uri, fault_proxy.endpoint, "train.max_steps=24",
+                     "checkpoint.every_steps=2", "checkpoint.keep_last=1", "checkpoint.keep_best=0",
+                     "eval.every_steps=0", "checkpoint.upload_alarm_after=2", "checkpoint.upload_retry_seconds=1",
+                     "checkpoint.upload_wait_seconds=1", "checkpoint.s3_max_attempts=2",
+                     "checkpoint.s3_timeout_seconds=2")
+    proc = start_and_wait_for(cmd, tmp_path / "run" / "checkpoints" / "step-00000002" / "COMPLETE", log,
+                              env=s3_env_for(moto_server, tmp_path))
+    try:
+        fault_proxy.fail_after(0, "503")
+        deadline = time.monotonic() + 240
+        while "ALARM" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        fault_proxy.heal()
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    alarms = [line for line in text.splitlines() if "ALARM" in line]
+    assert len(alarms) == 1 and alarms[0].startswith(f"ALARM: checkpoint uploads to {uri}/checkpoints failed 2 "
+                                                     f"times in a row"), alarms
+    assert "checkpoint uploads work again" in text
+    files = bucket_files(moto_server, bucket, "run/")
+    assert checkpoint_names(files) == {"step-00000024"} and "checkpoints/step-00000024/COMPLETE" in files
+    assert "model/model.safetensors" in files
