@@ -726,6 +726,7 @@ class BackgroundUploader:
             if self._pending is not None:
                 self.dropped.append(self._pending.remote_subpath)
                 self._pending = None
+                self.last_ok = False  # what was queued last never got there
             child = self._child
             self._cond.notify_all()
         if child is not None and child.poll() is None:
