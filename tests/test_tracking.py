@@ -147,6 +147,24 @@ def test_offline_runs_print_a_sync_hint_that_finds_both_parts(resumed_run):
     assert (proc.stdout + proc.stderr).count(".wandb") == 2
 
 
+def test_the_files_that_travel_with_a_checkpoint_are_both_parts_of_the_offline_run(resumed_run):
+    run_dir = resumed_run["run_dir"]
+    other = run_dir / "wandb" / "offline-run-20000101_000000-someotherid"  # another run in the same folder
+    (other / "files").mkdir(parents=True)
+    (other / "run-someotherid.wandb").write_bytes(b"")
+    try:
+        files = resumed_run["second"].files_to_checkpoint()
+    finally:
+        import shutil
+
+        shutil.rmtree(other)
+    assert {target.split("/")[1] for target in files} == {run.folder.name for run in offline_runs(run_dir)}
+    assert sum(target.endswith(".wandb") for target in files) == 2
+    assert not [target for target in files if "/logs/" in target]
+    assert all(path == run_dir / target and path.is_file() for target, path in files.items())
+    assert any(target.endswith(".table.json") for target in files)  # the samples table travels too
+
+
 def test_no_wandb_service_outlives_the_run(resumed_run):
     assert resumed_run["services_left"] == []
     assert wandb_service_processes() == []
