@@ -24,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-from lfqa.config import dump_job, load_job
+from lfqa.config import ConfigError, JobConfig, dump_job, load_job
 from lfqa.errors import run_command
 
 # Subcommands with their own argument parser: (module, help). Each module has main(argv) -> int.
@@ -56,8 +56,24 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return [w for w in argv if not is_override(w)], overrides
 
 
+def check_job_text(path: str | Path) -> None:
+    """A ConfigError for a job file that is binary or not UTF-8 (YAML is text; load_job would fail on decoding)."""
+    try:
+        Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML job file (not UTF-8 text at byte {err.start})") from None
+    except OSError:
+        pass  # load_job names the file and the reason
+
+
+def read_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """``load_job``, with a binary or non-UTF-8 file reported as such."""
+    check_job_text(path)
+    return load_job(path, overrides)
+
+
 def _check_job(args) -> int:
-    print(dump_job(load_job(args.job, args.overrides)), end="")
+    print(dump_job(read_job(args.job, args.overrides)), end="")
     return 0
 
 

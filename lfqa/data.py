@@ -199,9 +199,14 @@ def iter_file_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """Yield ``(row_number, row, problem)``; rows are numbered from 1 (JSONL: the line number)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        # utf-8-sig: a byte-order mark at the start is not part of the first row.
-        with path.open(encoding="utf-8-sig", errors="replace") as f:
-            for line_no, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    # utf-8-sig on the first line: a byte-order mark is not part of the first row.
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    yield line_no, None, f"line is not UTF-8 text (byte {err.start})"
+                    continue
                 if not line.strip():
                     continue
                 try:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfqa.config import JobConfig, load_job
+from lfqa.config import JobConfig
 
 DEFAULT_JOB = "jobs/tiny-cpu.yaml"
 DEFAULT_OUT = "runs/data-report"
@@ -379,8 +379,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _run(argv: list[str]) -> int:
+    from lfqa.cli import read_job
+
     args = parse_args(argv)
-    job = load_job(args.job, args.overrides)
+    job = read_job(args.job, args.overrides)
     splits = ("train", "validation") if args.split == "both" else (args.split,)
     report = build_report(job, args.out, splits=splits, files=args.data)
     print(f"Data report written to {Path(args.out) / 'report.md'} (numbers in report.json, plots beside them)")

@@ -1,4 +1,5 @@
-"""Evaluation during training: validation loss and ROUGE on generated answers, split between ranks."""
+"""Evaluation during training: validation loss and ``eval.metrics`` (ROUGE...) on generated answers, split between
+ranks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from accelerate.utils import gather_object
 
 from lfqa.config import EvalConfig, GenerationConfig
 from lfqa.data import Seq2SeqCollator
-from lfqa.metrics import rouge
+from lfqa.metrics import compute_metrics
 
 
 @dataclass
@@ -21,9 +22,11 @@ class EvalResult:
     """Question / generated / reference triples, in validation order."""
     num_loss_examples: int = 0
     num_generated: int = 0
+    other: dict[str, float] = field(default_factory=dict)
+    """The numbers of every metric of ``eval.metrics`` but ROUGE, as ``metric/key``."""
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        return {f"{prefix}loss": self.loss, **{f"{prefix}{k}": v for k, v in self.rouge.items()}}
+        return {f"{prefix}loss": self.loss, **{f"{prefix}{k}": v for k, v in {**self.rouge, **self.other}.items()}}
 
 
 def generation_kwargs(gen: GenerationConfig) -> dict:
@@ -108,5 +111,6 @@ def evaluate(model, tokenizer, dataset, questions: list[str], references: list[s
     refs = [references[i] for i, _ in predictions]
     samples = [{"question": questions[i], "generated": p, "reference": references[i]} for i, p in predictions]
     model.train()
-    return EvalResult(loss=loss, rouge=rouge(preds, refs), samples=samples,
-                      num_loss_examples=len(dataset), num_generated=len(preds))
+    scores = compute_metrics(cfg.metrics, preds, refs)
+    return EvalResult(loss=loss, rouge=scores.rouge, samples=samples, num_loss_examples=len(dataset),
+                      num_generated=len(preds), other=scores.other)

@@ -7,6 +7,8 @@ Under DeepSpeed, accelerate's ``save_state`` writes ZeRO shards (one optimizer/p
 DeepSpeed's own ``zero_to_fp32`` merges them into fp32 weights. Its ``--safe_serialization`` output fails on
 LED's tied embeddings, so the merged state dict is loaded into the model built from the checkpoint's config and
 written with ``save_pretrained`` instead, beside the tokenizer and the job.yaml the checkpoint carries.
+Its ``generation_config.json`` holds the job's decoding settings (``eval.generation``), so a plain
+``AutoModelForSeq2SeqLM.from_pretrained(out).generate(...)`` decodes as ``lfqa answer`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from lfqa.checkpoint import MARKER, CheckpointError
+from lfqa.errors import one_line
 
 DEEPSPEED_TAG = "pytorch_model"  # the ckpt_id accelerate gives DeepSpeed's save_checkpoint for the first model
 
@@ -53,8 +56,17 @@ def export_checkpoint(path: Path, out: Path, log=print) -> Path:
     hf = path / "hf"
     if not (hf / "config.json").exists():
         raise CheckpointError(f"{path}: no hf/config.json (was it written by lfqa train?)")
-    config = AutoConfig.from_pretrained(hf)
-    state = load_checkpoint_weights(path)
+    try:
+        config = AutoConfig.from_pretrained(hf)
+    except Exception as err:  # noqa: BLE001 - a damaged config.json gives several types
+        raise CheckpointError(f"{hf / 'config.json'}: not a readable model config ({one_line(err, 150)})") from None
+    try:
+        state = load_checkpoint_weights(path)
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - damaged weights: safetensors, torch, pickle and OS errors
+        raise CheckpointError(f"{path}: the model weights cannot be read ({type(err).__name__}: "
+                              f"{one_line(err, 150)})") from None
     with torch.device("meta"):
         model = AutoModelForSeq2SeqLM.from_config(config)
     model = model.to_empty(device="cpu")
@@ -68,9 +80,10 @@ def export_checkpoint(path: Path, out: Path, log=print) -> Path:
     for name, buffer in model.named_buffers():
         if buffer.is_meta:  # pragma: no cover - LED has no non-persistent buffers today
             raise CheckpointError(f"{path}: buffer {name} was not restored")
+    _decode_as_trained(model, hf)
     out = Path(out)
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(hf).save_pretrained(out)
     if (hf / "job.yaml").exists():
@@ -78,6 +91,22 @@ def export_checkpoint(path: Path, out: Path, log=print) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"exported {path} ({n_params / 1e6:.2f}M parameters) to {out}")
     return out
+
+
+def _decode_as_trained(model, hf: Path) -> None:
+    """The checkpoint's decoding settings into ``model.generation_config``: its ``hf/generation_config.json``,
+    or for checkpoints written before it existed, the ``eval.generation`` of its job.yaml."""
+    from transformers import GenerationConfig
+
+    from lfqa.modeling import apply_generation_config, check_decoder_start
+
+    if (hf / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(hf)
+    elif (hf / "job.yaml").is_file():
+        from lfqa.config import load_job
+
+        apply_generation_config(model, load_job(hf / "job.yaml").eval.generation)
+    check_decoder_start(model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,28 +121,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", help="a checkpoint folder (checkpoints/step-N) or its s3:// URI")
     parser.add_argument("--out", required=True, help="folder to write the model to (replaced if it exists)")
+    parser.add_argument("--job", default=None, help="take the S3 endpoint and region from this job file")
     parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: AWS / env)")
     parser.add_argument("--s3-region", default=None)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from lfqa.storage import StorageError
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        from lfqa.errors import InputError
 
-    try:
-        if args.checkpoint.startswith("s3://"):
-            from lfqa.checkpoints_cli import fetch_remote_checkpoint
+        raise InputError(f"--out {out}: is a file, expected a folder (it is replaced by the model)")
+    endpoint, region = args.s3_endpoint_url, args.s3_region
+    if args.job:
+        from lfqa.config import load_job
 
-            with tempfile.TemporaryDirectory(prefix="lfqa-export-") as tmp:
-                local = fetch_remote_checkpoint(args.checkpoint, Path(tmp), args.s3_endpoint_url, args.s3_region)
-                export_checkpoint(local, Path(args.out))
-        else:
-            export_checkpoint(Path(args.checkpoint), Path(args.out))
-    except (CheckpointError, StorageError, OSError) as err:
-        print(f"lfqa export: error: {err}", file=sys.stderr)
-        return 1
+        job = load_job(args.job)
+        endpoint, region = endpoint or job.output.s3_endpoint_url, region or job.output.s3_region
+    if args.checkpoint.startswith("s3://"):
+        from lfqa.checkpoints_cli import fetch_remote_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="lfqa-export-") as tmp:
+            local = fetch_remote_checkpoint(args.checkpoint, Path(tmp), endpoint, region)
+            export_checkpoint(local, out)
+    else:
+        path = Path(args.checkpoint)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: " + ("is a file, expected a checkpoint folder" if path.exists()
+                                                 else "no such checkpoint folder"))
+        export_checkpoint(path, out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; every failure is one line on stderr and a non-zero exit (see lfqa.errors)."""
+    from lfqa.errors import run_command
+
+    return run_command(_run, argv)
 
 
 if __name__ == "__main__":

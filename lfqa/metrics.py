@@ -1,11 +1,28 @@
-"""ROUGE with Google's ``rouge_score`` (offline; ``evaluate.load("rouge")`` needs the hub)."""
+"""Metrics: ROUGE with Google's ``rouge_score``, and every metric of ``eval.metrics`` through ``evaluate``.
+
+The metrics shipped with lfqa are local ``evaluate`` modules (``lfqa/metric_modules/<name>/<name>.py``), loaded
+with ``evaluate.load(<folder>)``, which needs no hub (``evaluate.load("rouge")`` would fetch the hub's script).
+Any other name in ``eval.metrics`` is handed to ``evaluate.load`` as it is: a hub metric (``bertscore``,
+``evaluate-metric/rouge``) or a path to a module of your own.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from rouge_score import rouge_scorer
+
+from lfqa.errors import MetricError, one_line
+
+METRIC_MODULES = Path(__file__).parent / "metric_modules"
+LOCAL_METRICS = ("rouge",)
+"""Names in ``eval.metrics`` that mean lfqa's own modules (in ``METRIC_MODULES``)."""
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -47,3 +64,98 @@ def bootstrap_ci(values: np.ndarray, *, samples: int = 1000, confidence: float =
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def local_metric_path(name: str) -> Path | None:
+    """The folder of the shipped module called ``name``, or None for a hub metric or a path."""
+    return METRIC_MODULES / name if name in LOCAL_METRICS else None
+
+
+def _prepare_evaluate_env(offline: bool) -> None:
+    """Before ``evaluate`` is first imported (it reads these once): offline when only local modules are asked
+    for, and a writable folder for the copies of module scripts it imports from."""
+    if offline:
+        os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+    if "HF_MODULES_CACHE" in os.environ:
+        return
+    home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface")
+    modules = home.expanduser() / "modules"
+    probe = modules if modules.exists() else next((p for p in modules.parents if p.exists()), Path("/"))
+    if not os.access(probe, os.W_OK):
+        os.environ["HF_MODULES_CACHE"] = str(Path(tempfile.gettempdir()) / "lfqa-hf-modules")
+
+
+@functools.cache
+def load_metric(name: str):
+    """The ``evaluate`` module called ``name`` (one of LOCAL_METRICS, a hub name or a path), loaded once."""
+    local = local_metric_path(name)
+    _prepare_evaluate_env(offline=local is not None)
+    import evaluate
+
+    try:
+        return evaluate.load(str(local or name), keep_in_memory=True)
+    except Exception as err:  # noqa: BLE001 - the loader raises many types (hub, import, file errors)
+        hint = "" if local else "; a hub metric needs hub access (HF_EVALUATE_OFFLINE unset)"
+        raise MetricError(f"eval.metrics: cannot load metric '{name}' ({one_line(err, 200)}){hint}") from None
+
+
+def check_metrics(names: list[str]) -> None:
+    """Load the metrics of ``eval.metrics`` that are not lfqa's own now: a typo or a hub that cannot be reached
+    should fail before a model is trained or run (the shipped modules always load)."""
+    for name in names:
+        if local_metric_path(name) is None:
+            load_metric(name)
+
+
+@dataclass
+class MetricScores:
+    """What ``eval.metrics`` gave for one set of predictions."""
+
+    rouge: dict[str, float] = field(default_factory=dict)
+    """rouge1, rouge2, rougeL, rougeLsum means (when ``rouge`` is among the metrics)."""
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Bootstrap intervals of the ROUGE means, when asked for."""
+    per_example: dict[str, list[float]] = field(default_factory=dict)
+    other: dict[str, float] = field(default_factory=dict)
+    """Every other metric's numbers, as ``name/key`` (a list of per-example numbers is averaged)."""
+
+
+def _numbers(name: str, result: dict) -> dict[str, float]:
+    out = {}
+    for key, value in (result or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{name}/{key}"] = float(value)
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+            out[f"{name}/{key}"] = float(np.mean(value))
+    return out
+
+
+def compute_metrics(names: list[str], predictions: list[str], references: list[str], *, bootstrap: int = 0,
+                    seed: int = 0, per_example: bool = False) -> MetricScores:
+    """Every metric of ``names`` on aligned predictions and references (ROUGE with intervals when ``bootstrap``)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scores = MetricScores()
+    if not predictions:  # an evaluation with eval.max_generate_samples 0
+        scores.rouge = {k: 0.0 for k in ROUGE_TYPES} if "rouge" in names else {}
+        return scores
+    for name in names:
+        metric = load_metric(name)
+        try:
+            if name == "rouge":
+                result = metric.compute(predictions=predictions, references=references, bootstrap=bootstrap,
+                                        seed=seed, per_example=per_example)
+            else:
+                result = metric.compute(predictions=predictions, references=references)
+        except Exception as err:  # noqa: BLE001 - any metric's own failure, named
+            raise MetricError(f"eval.metrics: metric '{name}' failed ({one_line(err, 200)})") from None
+        if name != "rouge":
+            scores.other.update(_numbers(name, result))
+            continue
+        for k in ROUGE_TYPES:
+            scores.rouge[k] = result[k]
+            if bootstrap:
+                scores.intervals[k] = (result[f"{k}_ci_low"], result[f"{k}_ci_high"])
+            if per_example:
+                scores.per_example[k] = result[f"{k}_per_example"]
+    return scores

@@ -11,6 +11,7 @@ through the very same Auto-class path as a real model, so CI exercises the real 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -196,6 +197,21 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
     return tokenizer
 
 
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Without transformers' "Loading weights" bar: it takes a second on a large model, and it is the only
+    output of a command before a damaged file's one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name_or_path: str, revision: str | None = None, encoder_attention: str = "sdpa"):
     """The model through ``AutoModelForSeq2SeqLM``; LED's encoder attention per ``encoder_attention``
     (``sdpa``: lfqa.led_attention, ``eager``: transformers')."""
@@ -212,7 +228,8 @@ def load_model(name_or_path: str, revision: str | None = None, encoder_attention
         raise ModelLoadError(f"'{name_or_path}' holds a {config.model_type} model, not a sequence-to-sequence "
                              "(encoder-decoder) model such as LED")
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, revision=revision)
+        with _no_loading_bar():
+            model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, revision=revision)
     except Exception as err:  # noqa: BLE001 - damaged weights give safetensors, torch and OS errors
         raise _load_error("model", name_or_path, err) from None
     check_decoder_start(model)

@@ -79,13 +79,53 @@ def test_cli_says_when_the_document_was_cut(tmp_path, model_dir, capsys):
 def test_cli_jsonl_many_questions(tmp_path, model_dir):
     (tmp_path / "doc.txt").write_text(" ".join(VAL[2]["context"]))
     questions = tmp_path / "q.jsonl"
-    questions.write_text(json.dumps({"question": VAL[2]["question"], "document": "doc.txt"}) + "\n"
-                         + json.dumps({"question": VAL[4]["question"], "context": VAL[4]["context"]}) + "\n")
+    passages = [{"title": "Notes", "text": c} for c in VAL[5]["context"]]
+    # A byte-order mark (Windows editors write one) must not cost the first row.
+    questions.write_text("\ufeff" + json.dumps({"question": VAL[2]["question"], "document_file": "doc.txt"}) + "\n"
+                         + json.dumps({"question": VAL[4]["question"], "context": VAL[4]["context"]}) + "\n"
+                         + json.dumps({"question": VAL[5]["question"], "context": passages}) + "\n"
+                         + json.dumps({"question": VAL[6]["question"], "context": " ".join(VAL[6]["context"])})
+                         + "\n", encoding="utf-8")
     out = tmp_path / "answers.jsonl"
     assert answer_main(["--model", model_dir, "--jsonl", str(questions), "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["question"] for r in rows] == [VAL[2]["question"], VAL[4]["question"]]
+    assert [r["question"] for r in rows] == [VAL[i]["question"] for i in (2, 4, 5, 6)]
     assert all(len(r["answer"].split()) >= 10 and r["truncated"] is False for r in rows)
+
+
+def test_cli_jsonl_rows_of_other_data_through_data_fields(tmp_path, model_dir, capsys):
+    # ELI5's shape: the document's text under "document"; the question under "title".
+    rows = tmp_path / "eli5.jsonl"
+    rows.write_text(json.dumps({"title": VAL[2]["question"], "document": " ".join(VAL[2]["context"])}) + "\n")
+    assert answer_main(["--model", model_dir, "--jsonl", str(rows)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lfqa: error: {rows}:1: missing question field 'question'"]
+    code = answer_main(["--model", model_dir, "data.fields.question=title", "--jsonl", str(rows),
+                        "data.fields.context=document"])
+    out = capsys.readouterr()
+    assert code == 0 and json.loads(out.out)["question"] == VAL[2]["question"]
+    code = answer_main(["--model", model_dir, "--jsonl", str(rows), "data.fields.question=title"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"lfqa: error: {rows}:1: missing context field 'context' (the row has 'document': "
+                                 "data.fields.context=document reads it as the context); or give 'document_file': "
+                                 "a .txt, .md or .pdf file"]
+
+
+def test_answer_help_tells_text_from_files(capsys):
+    with pytest.raises(SystemExit):
+        answer_main(["--help"])
+    text = capsys.readouterr().out
+    assert "a .txt, .md or .pdf FILE" in text and "passages (TEXT)" in text
+    assert '"document_file": "notes.pdf"' in text and "data.fields.context=document" in text
+
+
+def test_an_empty_answer_is_visible(capsys):
+    from argparse import Namespace
+
+    from lfqa.answer import Answer, _print_answers
+
+    _print_answers(Namespace(jsonl=None, out=None), [Answer("Why?", "", 10, False, 1024)])
+    assert capsys.readouterr().out.startswith("(empty answer: the model generated no text")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -173,6 +213,60 @@ def test_eval_errors(trained, tmp_path, capsys):
     assert "none.jsonl: no such file" in capsys.readouterr().err
     assert eval_main(["--model", str(run_dir / "model"), "data.fields.questio=q"]) == 2
     assert "unknown key 'data.fields.questio'" in capsys.readouterr().err
+
+
+def test_eval_scores_the_rows_of_trainings_evaluation(trained, tmp_path, capsys):
+    _, run_dir, _ = trained
+    out = tmp_path / "eval"
+    assert eval_main(["--model", str(run_dir / "model"), "--out", str(out), "--bootstrap", "50"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    trained_eval = json.loads(sorted(run_dir.glob("eval-step*.json"))[-1].read_text())
+    # data.max_eval_samples=49 of the run: the same rows, in the same order, as the run's own evaluation.
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["question"] for p in predictions] == [s["question"] for s in trained_eval["samples"]]
+    assert report["data"]["examples"] == 49 and report["data"]["limits"] == ["data.max_eval_samples=49"]
+    stdout = capsys.readouterr().out
+    assert "rows: 49 of 50 usable rows, selected as training's evaluation selects them (limited by " \
+           "data.max_eval_samples=49; --all-rows scores all)" in stdout
+
+
+def test_eval_all_rows_overrides_anywhere_and_truncation_shown(trained, tmp_path, capsys):
+    _, run_dir, _ = trained
+    out = tmp_path / "eval"
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"q": r["question"], "answer": r["answer"], "context": r["context"]}) + "\n"
+                            for r in VAL[:6]))
+    code = eval_main(["--model", str(run_dir / "model"), "data.max_input_tokens=64", "--data", str(data),
+                      "data.fields.question=q", "--all-rows", "--limit", "3", "--out", str(out), "--bootstrap", "20"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "rows: 3 of 6 usable rows (--all-rows: no filter) (limited by --limit 3)" in stdout
+    assert "3 inputs truncated to 64 tokens" in stdout
+    assert "3 inputs truncated to 64 tokens" in (out / "report.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"][str(run_dir / "model")]["truncated_inputs"] == 3 and report["max_input_tokens"] == 64
+
+
+def test_eval_drops_long_answers_as_training_does(trained, tmp_path):
+    from lfqa.modeling import load_tokenizer
+
+    _, run_dir, _ = trained
+    tokenizer = load_tokenizer(str(run_dir / "model"))
+    out = tmp_path / "eval"
+    assert eval_main(["--model", str(run_dir / "model"), "--limit", "2", "--out", str(out), "--bootstrap", "20",
+                      "data.max_answer_tokens=40"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["filtered_long_answer"] > 0 and report["data"]["examples"] == 2
+    lengths = [len(tokenizer(text_target=json.loads(line)["reference"])["input_ids"])
+               for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert max(lengths) <= 40
+
+
+def test_eval_help_shows_a_plain_percent(capsys):
+    with pytest.raises(SystemExit):
+        eval_main(["--help"])
+    text = capsys.readouterr().out
+    assert "95% intervals" in text and "%%" not in text and "--all-rows" in text
 
 
 @pytest.mark.distributed
