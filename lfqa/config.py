@@ -248,9 +248,15 @@ class EvalConfig:
     num_examples_to_print: int = 2
     """Question / generated / reference triples printed at each evaluation."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    metrics: list[str] = field(default_factory=lambda: ["rouge"])
+    """Metrics of the generated answers, loaded with ``evaluate.load``: ``rouge`` is lfqa's own module (offline,
+    with bootstrap intervals in ``lfqa eval``); any other name is a hub metric (``bertscore``, ``meteor``; needs
+    hub access) or the path of a local evaluate module."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
+        _check(all(m.strip() for m in self.metrics), "eval.metrics", "names must not be empty")
+        _check(len(set(self.metrics)) == len(self.metrics), "eval.metrics", "names a metric twice")
         _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
         _check(self.max_generate_samples is None or self.max_generate_samples >= 0, "eval.max_generate_samples",
                "must be >= 0 or null")

@@ -640,26 +640,27 @@ def _collate_with_row_ids(collator):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        # Validated before any model, data or process group exists.
-        job = load_job(args.job, args.overrides)
-    except ConfigError as err:
-        print(f"lfqa: error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    from lfqa.checkpoint import EXIT_PREEMPTED, CheckpointError
-    from lfqa.data import DataError
-    from lfqa.modeling import ModelLoadError
-    from lfqa.storage import StorageError
+    """``python -m lfqa.train JOB [key=value ...]``: every failure is one line (``--debug``: the traceback)."""
+    from lfqa.errors import LfqaError, run_command
 
-    try:
-        summary = run(job)
-    except (DataError, ModelLoadError, ConfigError, StorageError, CheckpointError) as err:
-        print(f"lfqa: error: {err}", file=sys.stderr)
-        return 1
-    if summary.get("preempted"):
-        return EXIT_PREEMPTED
-    return 0
+    def train(args_list: list[str]) -> int:
+        from lfqa.checkpoint import EXIT_PREEMPTED
+        from lfqa.cli import check_job_text
+        from lfqa.metrics import check_metrics
+
+        args = build_parser().parse_args(args_list)
+        # Validated before any model, data or process group exists (a ConfigError exits 2).
+        check_job_text(args.job)
+        job = load_job(args.job, args.overrides)
+        check_metrics(job.eval.metrics)
+
+        try:
+            summary = run(job)
+        except ConfigError as err:  # a setting that conflicts with what the run finds on disk: exit 1
+            raise LfqaError(str(err)) from None
+        return EXIT_PREEMPTED if summary.get("preempted") else 0
+
+    return run_command(train, argv)
 
 
 if __name__ == "__main__":
