@@ -39,8 +39,6 @@ FILES_SPLIT = "data"
 TOKENIZE_BATCH = 1000
 """Rows per tokenizer call: large batches are much faster with a fast (Rust) tokenizer."""
 HISTOGRAM_BINS = 50
-EXIT_CONFIG_ERROR = 2
-EXIT_DATA_ERROR = 1
 
 MEASURES = ("answer_tokens", "input_tokens", "answer_chars", "input_chars")
 """The four length measures, in report order; also the PNG name suffixes."""
