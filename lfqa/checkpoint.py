@@ -305,6 +305,9 @@ class CheckpointManager:
         remote_dir = f"{CHECKPOINTS}/{name}"
         with self._lock:
             self._status["newest_local_step"] = max(parse_step(name), self._status["newest_local_step"] or -1)
+            failing = self._status["failed_in_a_row"] > 0
+        # While uploads fail, the running one will likely fail too: waiting for it would only stall training.
+        self.uploader.wait_seconds = 0.0 if failing else self.cfg.upload_wait_seconds
         if self.num_nodes == 1:
             # One node holds every rank's part: its upload puts COMPLETE last by itself.
             waited = self.uploader.submit(path, remote_dir, marker=MARKER)

@@ -313,8 +313,9 @@ class CheckpointConfig:
     upload_workers: int = 8
     """Parallel multipart transfers per file (boto3's transfer manager)."""
     upload_wait_seconds: float = 10.0
-    """At a checkpoint, wait at most this long for the previous upload to finish; then training goes on and the
-    new checkpoint waits its turn (a newer one replaces it: when the bucket is slow or down, the newest goes next)."""
+    """At a checkpoint, wait at most this long for the previous upload to finish (not at all while uploads fail);
+    then training goes on and the new checkpoint waits its turn (a newer one replaces it: when the bucket is slow
+    or down, the newest goes next)."""
     upload_retry_seconds: float = 30.0
     """A failed upload of the newest checkpoint is tried again after this long, until the bucket answers. Until
     then no local checkpoint newer than the newest one in the bucket is deleted."""
