@@ -374,10 +374,11 @@ def test_stage_s3_folder_and_file(s3_bucket, moto_server, fault_proxy, tmp_path,
         stage_s3_uri(f"s3://{s3_bucket}/models/none", cache, endpoint_url=moto_server.endpoint)
 
 
-def test_fault_proxy_is_reusable_standalone(moto_server, s3_env, tmp_path):
-    """Other test files build their own proxy: healthy by default, stops cleanly."""
-    bucket = moto_server.make_bucket()
-    with FaultProxy(moto_server.endpoint, fault_rate=1.0, seed=3, faults=("503",)) as proxy:
+def test_fault_proxy_is_reusable_standalone(object_store, tmp_path):
+    """Other test files build their own proxy: healthy by default, stops cleanly; requests it forwards keep
+    their signature (SeaweedFS checks it)."""
+    bucket = object_store.make_bucket()
+    with FaultProxy(object_store.endpoint, fault_rate=1.0, seed=3, faults=("503",)) as proxy:
         store = S3Store(f"s3://{bucket}/run", endpoint_url=proxy.endpoint, max_attempts=2)
         with pytest.raises(StorageError, match="ServiceUnavailable"):
             store.write_text("x.txt", "x")
