@@ -10,6 +10,7 @@ from lfqa.data import (
     DataError,
     LengthGroupedBatchSampler,
     Seq2SeqCollator,
+    encode_inputs,
     format_input,
     get_path,
     normalise_row,
@@ -133,6 +134,32 @@ def test_unreadable_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "broken.json").write_text("[1, 2")
     with pytest.raises(DataError, match="broken.json: not valid JSON"):
         read_files([str(tmp_path / "broken.json")], FieldsConfig())
+
+
+def test_byte_order_marks_and_other_encodings(tmp_path):
+    fields = FieldsConfig()
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + (json.dumps(LFQA_ROW) + "\n").encode() * 2)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([LFQA_ROW]).encode())
+    examples, report, _ = read_files([str(bom), str(tmp_path / "bom.json")], fields)
+    assert len(examples) == 3 and report.malformed_total == 0  # the first row is kept
+    # A Latin-1 line is malformed (not silently read with replacement characters); the others are kept.
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes((json.dumps(LFQA_ROW) + "\n").encode()
+                      + json.dumps({**LFQA_ROW, "question": "Caf\xe9?"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    examples, report, _ = read_files([str(mixed)], fields)
+    assert len(examples) == 1 and report.problems == [f"{mixed}:2: line is not UTF-8 text (byte 17)"]
+
+
+def test_lfqa_cuts_long_inputs_without_transformers_warning_of_it(tokenizer, monkeypatch):
+    from transformers import tokenization_utils_base
+
+    warnings = []
+    monkeypatch.setattr(tokenization_utils_base.logger, "warning", lambda msg, *a, **k: warnings.append(msg))
+    tokenizer.deprecation_warnings.pop("sequence-length-is-longer-than-the-specified-maximum", None)
+    encoded = encode_inputs(tokenizer, ["Why?"], [["copper " * 3000]], 64)
+    assert encoded["truncated"] == [True] and len(encoded["input_ids"][0]) == 64
+    assert not [w for w in warnings if "sequence length is longer" in str(w)]
 
 
 def test_hub_path_reads_a_local_dataset_folder_through_load_dataset(tmp_path):
