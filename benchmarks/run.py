@@ -82,8 +82,6 @@ PRESETS = {
     "led-base": Preset(d_model=768, layers=6, heads=12, ffn_dim=3072, window=1024, vocab_size=LED_VOCAB,
                        max_tokens_per_batch=16384, max_batch_size=16),
 }
-# Dense bf16 peak per GPU (TFLOP/s), for MFU; override with --peak-tflops.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,22 +234,17 @@ def build_model(preset: Preset, out_dir: Path, seed: int) -> tuple[Path, int]:
     return model_dir, sum(p.numel() for p in model.parameters())
 
 
-def train_flops(config, enc_tokens: float, dec_tokens: float, mean_input: float, mean_answer: float) -> float:
-    """Model FLOPs of training on these real tokens (forward + backward = 3 x forward; no recomputation).
+def variant_flops(config, lengths: dict, variant: str) -> float:
+    """Model FLOPs of one epoch of a variant's rows, by lfqa's FLOPs model (lfqa.flops): a trains the first
+    seed rows with global attention on token 0 only; b, c and d every row, global on the question."""
+    from lfqa.flops import ModelShape, train_flops
 
-    Per encoder token: 2 x the encoder layers' weights (with the global key and value projections, which LED
-    applies to every token once any token has global attention), local attention over the window, and the
-    decoder's cross-attention key/value projections of it; per answer token: 2 x the decoder layers' weights,
-    the LM head, causal self-attention and cross-attention over the input.
-    """
-    d, window = config.d_model, config.attention_window
-    window = max(window) if isinstance(window, (list, tuple)) else window
-    enc_layer = 6 * d * d + 2 * d * config.encoder_ffn_dim
-    dec_layer = 8 * d * d + 2 * d * config.decoder_ffn_dim
-    per_enc = config.encoder_layers * (2 * enc_layer + 4 * (window + 1) * d) + config.decoder_layers * 4 * d * d
-    per_dec = (config.decoder_layers * (2 * (dec_layer - 2 * d * d) + 4 * d * (mean_answer / 2 + mean_input))
-               + 2 * d * config.vocab_size)
-    return 3.0 * (enc_tokens * per_enc + dec_tokens * per_dec)
+    shape = ModelShape.from_config(config)
+    inputs, answers, globals_ = (np.array(lengths[k]) for k in ("input", "answer", "global"))
+    if variant == "a":
+        n = int(lengths.get("seed_samples", len(inputs)))
+        return train_flops(shape, inputs[:n], answers[:n], np.ones(n))
+    return train_flops(shape, inputs, answers, globals_)
 
 
 # --- the workers (one process per variant) --------------------------------------------------------------
@@ -434,7 +427,6 @@ def run_lfqa_variant(spec: dict, variant: str = "c") -> dict:  # c, or d: c with
     """lfqa's real entry point, on a job file that points at the synthetic rows and the saved model."""
     import yaml
 
-    import lfqa.data
     from lfqa.config import load_job
     from lfqa.train import run
 
@@ -465,8 +457,7 @@ def run_lfqa_variant(spec: dict, variant: str = "c") -> dict:  # c, or d: c with
     job_file.write_text(yaml.safe_dump(job, sort_keys=False))
     job = load_job(job_file)
     turns = Turns(spec["device"] == "cuda")
-    _hook_sampler(lfqa.data, turns)
-    summary = run(job)
+    summary = run(job, callbacks=[TurnsStart(turns)])
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if "train/samples_per_s" in line][-1]
     samples = int(summary["ranks"]["rows_seen_per_rank_epoch0"][0])
@@ -477,6 +468,13 @@ def run_lfqa_variant(spec: dict, variant: str = "c") -> dict:  # c, or d: c with
     enc_real, dec_real = int(sum(lengths["input"])), int(sum(lengths["answer"]))
     if abs(enc_real + dec_real - real) > 1e-6 * real + 1:
         raise RuntimeError(f"lfqa counted {real:.0f} real tokens, the rows hold {enc_real + dec_real}")
+    # The same FLOPs model in lfqa's log and in this table: c's logged model FLOPs are those of its rows.
+    logged = last["train/model_flops_per_s"] * samples / last["train/samples_per_s"]
+    from transformers import AutoConfig
+
+    expected = variant_flops(AutoConfig.from_pretrained(spec["model_dir"]), lengths, variant)
+    if abs(logged - expected) > 1e-6 * expected:
+        raise RuntimeError(f"lfqa logged {logged:.4g} model FLOPs, the FLOPs model gives {expected:.4g}")
     return {
         "samples": samples, "steps": turns.steps, "seconds": turns.seconds,
         "enc_real": enc_real, "enc_processed": enc_real / last["train/input_padding_efficiency"],
@@ -486,16 +484,14 @@ def run_lfqa_variant(spec: dict, variant: str = "c") -> dict:  # c, or d: c with
     }
 
 
-def _hook_sampler(data_module, turns: Turns) -> None:
-    """Wrap lfqa's sampler so that the first batch it hands out starts c's first turn."""
-    original = data_module.LengthGroupedBatchSampler
+class TurnsStart:
+    """A callback of lfqa's loop (lfqa.trainer.Callbacks): c's first turn starts when training starts."""
 
-    class Hooked(original):
-        def __iter__(self):
-            turns.start()
-            yield from super().__iter__()
+    def __init__(self, turns: Turns):
+        self.turns = turns
 
-    data_module.LengthGroupedBatchSampler = Hooked
+    def on_fit_start(self, trainer) -> None:
+        self.turns.start()
 
 
 def memory(baseline: int, cuda: bool) -> dict:
@@ -538,7 +534,9 @@ def prepare(args, preset: Preset, work: Path) -> dict:
     inputs, answers = list(tokenised["input_length"]), list(tokenised["label_length"])
     tokenised = tokenised.add_column("length", inputs)  # what the Trainer's group_by_length reads
     tokenised.save_to_disk(str(work / "tokenised"))
-    (work / "lengths.json").write_text(json.dumps({"input": inputs, "answer": answers}))
+    globals_ = [max(1, int(g)) for g in tokenised["num_global"]]  # the collator marks at least one token
+    (work / "lengths.json").write_text(json.dumps({"input": inputs, "answer": answers, "global": globals_,
+                                                   "seed_samples": min(args.seed_samples, args.samples)}))
     max_tokens = args.max_tokens or preset.max_tokens_per_batch
     spec = {
         "work": str(work), "model_dir": str(model_dir), "tokenised": str(work / "tokenised"),
@@ -677,15 +675,15 @@ def load_line() -> str:
         return "load average unknown"
 
 
-def peak_tflops(args) -> float | None:
+def peak_flops(args) -> tuple[float, str]:
+    """(FLOP/s, where it comes from): --peak-tflops, a known GPU's data sheet, else the GEMM probe, measured
+    once by the parent before the variants start (the same figure for every variant of the run)."""
     if args.peak_tflops:
-        return args.peak_tflops
-    if args.device != "cuda" or args.precision != "bf16":
-        return None
-    import torch
+        return args.peak_tflops * 1e12, "--peak-tflops"
+    from lfqa.flops import peak_flops as device_peak
 
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = device_peak(args.device, args.precision)
+    return peak.flops_per_s, peak.source
 
 
 def render(args, preset: Preset, spec: dict, results: dict, context: dict) -> str:
@@ -695,11 +693,11 @@ def render(args, preset: Preset, spec: dict, results: dict, context: dict) -> st
     lengths = json.loads((Path(spec["work"]) / "lengths.json").read_text())
     inputs, answers = np.array(lengths["input"]), np.array(lengths["answer"])
     bound = inputs.sum() / (-(-inputs // preset.window) * preset.window).sum()
-    peak = peak_tflops(args)
+    peak, peak_source = context["peak"]
     cuda = args.device == "cuda"
     header = ["variant", "rows", "optimizer steps", "rows/step", "samples/s", "real tokens/s",
               "encoder padding eff.", "decoder padding eff.", "peak GPU memory" if cuda else "peak RSS (+ over start)",
-              "model TFLOP/s"] + (["MFU"] if peak else [])
+              "model TFLOP/s", "MFU"]
     lines = [f"# Training throughput: seed recipe vs tuned Trainer vs lfqa ({args.device}, {args.precision}, "
              f"preset {args.preset})", "",
              f"- date: {context['date']}; command: `{context['command']}`",
@@ -715,11 +713,11 @@ def render(args, preset: Preset, spec: dict, results: dict, context: dict) -> st
              f"- optimizer: AdamW lr 5e-5, weight decay 0.01, clip 1.0, linear decay, no warm-up; a and b: batch "
              f"{spec['trainer_batch_size']}; c: token budget {spec['max_tokens']} (at most {spec['max_batch_size']} "
              f"rows per batch)",
+             f"- peak for MFU: {peak / 1e12:.3g} TFLOP/s ({peak_source})",
              "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for variant, r in results.items():
         real = r["enc_real"] + r["dec_real"]
-        flops = train_flops(config, r["enc_real"], r["dec_real"], r["enc_real"] / r["samples"],
-                            r["dec_real"] / r["samples"]) / r["seconds"]
+        flops = variant_flops(config, lengths, variant) / r["seconds"]
         if cuda:
             mem = _gib(r["peak_gpu"])
         else:
@@ -727,7 +725,7 @@ def render(args, preset: Preset, spec: dict, results: dict, context: dict) -> st
         row = [f"{variant}: {VARIANTS[variant]}", str(r["samples"]), str(r["steps"]),
                f"{r['samples'] / r['steps']:.2f}", f"{r['samples'] / r['seconds']:.3f}", f"{real / r['seconds']:.0f}",
                f"{r['enc_real'] / r['enc_processed']:.3f}", f"{r['dec_real'] / r['dec_processed']:.3f}", mem,
-               f"{flops / 1e12:.3f}"] + ([f"{flops / 1e12 / peak:.1%}"] if peak else [])
+               f"{flops / 1e12:.3f}", f"{flops / peak:.1%}"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for num, den in (("c", "a"), ("c", "b"), ("b", "a"), ("c", "d"), ("d", "b")):
@@ -744,7 +742,9 @@ def render(args, preset: Preset, spec: dict, results: dict, context: dict) -> st
               "alike (--sequential: one after the other). Padding efficiency: real / processed tokens, where "
               "processed inputs are padded to the attention window as LED computes them. Peak RSS: the worker "
               "process's high-water mark (+ over its size after imports, before the model was loaded). "
-              "Model TFLOP/s: training FLOPs of the real tokens (3 x forward, no recomputation) per second."]
+              "Model TFLOP/s: training FLOPs of the real tokens (3 x forward, no recomputation; lfqa.flops, the "
+              "model lfqa's train/mfu uses) per second; MFU: over the peak above (on CPU: this machine's dense "
+              "matmul rate at this precision, measured in this run)."]
     return "\n".join(lines) + "\n"
 
 
@@ -774,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         while out.exists():
             out, n = out.with_name(f"{args.device}-{date}-{n}.md"), n + 1
     context = {"date": date, "command": " ".join(["python benchmarks/run.py", *(argv or sys.argv[1:])]),
-               "machine": machine_line(args.device), "load_before": load_line()}
+               "machine": machine_line(args.device), "load_before": load_line(), "peak": peak_flops(args)}
     with tempfile.TemporaryDirectory(prefix="lfqa-bench-") as tmp:
         work = (args.work_dir or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)

@@ -177,17 +177,24 @@ class StopSignal:
 
     A rank that receives SIGTERM (Kubernetes sends it before killing a pod) only sets a flag; the loop asks
     :meth:`poll` once per optimizer step. Every rank must stop, or checkpoint, at the same step or the sharded
-    save would deadlock, so the flags are combined with an all-reduce (MAX). That all-reduce is started
-    asynchronously and read one step later, so the step never waits for it.
+    save would deadlock, so the flags are combined with an all-reduce (MAX). That all-reduce runs on a CPU
+    (gloo) group of its own, started asynchronously and read one step later: the step never waits for it and
+    the flags never touch the GPU, so reading them never waits for the GPU's queued work.
     """
 
-    def __init__(self, accelerator, every_minutes: float):
-        self.accelerator = accelerator
+    def __init__(self, num_processes: int, every_minutes: float, clock=time.monotonic, group=None):
+        self.num_processes = num_processes
         self.every_seconds = every_minutes * 60
-        self.last_checkpoint = time.monotonic()
+        self.clock = clock
+        self.last_checkpoint = clock()
         self.received = False
         self._pending = None
         self._previous = None
+        self._group = group
+        if num_processes > 1 and group is None:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")  # a collective: every rank builds its StopSignal
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -200,24 +207,22 @@ class StopSignal:
             self._previous = None
 
     def checkpointed(self) -> None:
-        self.last_checkpoint = time.monotonic()
+        self.last_checkpoint = self.clock()
 
     def poll(self) -> tuple[bool, bool]:
         """(a time-based checkpoint is due, stop now) as agreed by all ranks."""
-        due = bool(self.every_seconds) and time.monotonic() - self.last_checkpoint >= self.every_seconds
-        local = torch.tensor([int(due), int(self.received)], dtype=torch.int32, device=self.accelerator.device)
-        if self.accelerator.num_processes == 1:
-            return bool(local[0]), bool(local[1])
+        due = bool(self.every_seconds) and self.clock() - self.last_checkpoint >= self.every_seconds
+        if self.num_processes == 1:
+            return due, self.received
         import torch.distributed as dist
 
         agreed = (False, False)
         if self._pending is not None:
             tensor, work = self._pending
             work.wait()
-            values = tensor.tolist()
-            agreed = (bool(values[0]), bool(values[1]))
-        work = dist.all_reduce(local, op=dist.ReduceOp.MAX, async_op=True)
-        self._pending = (local, work)
+            agreed = (bool(tensor[0]), bool(tensor[1]))
+        local = torch.tensor([int(due), int(self.received)], dtype=torch.int32)
+        self._pending = (local, dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group, async_op=True))
         return agreed
 
     def drain(self) -> None:
@@ -227,9 +232,48 @@ class StopSignal:
             self._pending = None
 
 
+@dataclass(frozen=True)
+class SaveDecision:
+    save: bool = False
+    stop: bool = False
+    reason: str = ""
+
+
+class CheckpointSchedule:
+    """When a checkpoint is due: every N optimizer steps, every M minutes, on SIGTERM, and at the end."""
+
+    def __init__(self, every_steps: int, stop: StopSignal):
+        self.every_steps = every_steps
+        self.stop = stop
+        self.enabled = bool(every_steps or stop.every_seconds)
+        self.last_saved_step: int | None = None
+
+    def due(self, step: int) -> SaveDecision:
+        """Asked once per optimizer step, by every rank (the time and SIGTERM flags are agreed between ranks)."""
+        time_due, preempted = self.stop.poll()
+        if preempted:
+            return SaveDecision(save=True, stop=True, reason="SIGTERM")
+        if time_due:
+            return SaveDecision(save=True, reason="checkpoint.every_minutes")
+        if self.every_steps and step % self.every_steps == 0:
+            return SaveDecision(save=True, reason="checkpoint.every_steps")
+        return SaveDecision()
+
+    def final_due(self, step: int) -> bool:
+        """The run's last state, with its evaluation, unless that very step was just saved."""
+        return self.enabled and self.last_saved_step != step
+
+    def saved(self, step: int) -> None:
+        self.last_saved_step = step
+        self.stop.checkpointed()
+
+
 class CheckpointManager:
     """Saves, uploads, prunes and finds checkpoints for one run. Every rank creates one and calls
     :meth:`save` and :meth:`resume` at the same points (they contain collectives)."""
+
+    schedule: CheckpointSchedule | None = None
+    """When saves are due; set by :meth:`start_schedule`."""
 
     def __init__(self, accelerator, job, run_dir: Path, remote=None, log=print):
         from lfqa.storage import LocalStore
@@ -263,6 +307,24 @@ class CheckpointManager:
                                                wait_seconds=self.cfg.upload_wait_seconds,
                                                retry_seconds=self.cfg.upload_retry_seconds, report=self.log)
 
+    # --- cadence ----------------------------------------------------------------------------------------
+
+    def start_schedule(self) -> None:
+        """Every rank, once before training: from now on SIGTERM only sets a flag that :meth:`due` reads."""
+        stop = StopSignal(self.accelerator.num_processes, self.cfg.every_minutes)
+        self.schedule = CheckpointSchedule(self.cfg.every_steps, stop)
+
+    def due(self, step: int) -> SaveDecision:
+        return self.schedule.due(step)
+
+    def final_due(self, step: int) -> bool:
+        return self.schedule.final_due(step)
+
+    def end_schedule(self) -> None:
+        """Every rank, after the last step: finish the flags' all-reduce and give SIGTERM back."""
+        self.schedule.stop.drain()
+        self.schedule.stop.restore()
+
     # --- saving -----------------------------------------------------------------------------------------
 
     def path(self, name: str) -> Path:
@@ -273,6 +335,9 @@ class CheckpointManager:
         from lfqa.config import dump_job
 
         acc = self.accelerator
+        schedule = self.schedule
+        if schedule is not None:
+            schedule.stop.drain()  # the flags' collective first, at the same point on every rank
         name = checkpoint_name(step)
         path = self.path(name)
         if acc.is_local_main_process and path.exists():
@@ -290,6 +355,7 @@ class CheckpointManager:
             (path / STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
             for target, source in (extra_files or {}).items():
                 if Path(source).exists():
+                    (path / target).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(source, path / target)
         acc.wait_for_everyone()  # every rank's part is on disk
         if acc.is_local_main_process:
@@ -299,6 +365,8 @@ class CheckpointManager:
             self._queue_upload(name, path)
         if acc.is_local_main_process:
             self._prune_local()
+        if schedule is not None:
+            schedule.saved(step)
         return path
 
     def _queue_upload(self, name: str, path: Path) -> None:
@@ -527,12 +595,8 @@ class CheckpointManager:
         self.log(message)
         if name is None:
             return None, None
-        if where in ("local", "remote"):
-            path = self.path(name)
-        elif where.startswith("s3://"):
-            path = self.path(name)
-        else:
-            path = Path(where)
+        # From this run's store or a bucket URI it lands in this run's folder; an explicit local path stays.
+        path = self.path(name) if where in ("local", "remote") or where.startswith("s3://") else Path(where)
         error = None
         if acc.is_local_main_process and not (path / MARKER).exists():
             # Another node's disk, a new pod, or an explicit URI: fetch the whole checkpoint from the bucket.

@@ -367,8 +367,9 @@ class TrackingConfig:
 
     log_every_steps: int = 10
     """A log line (and a metrics.jsonl record) every N optimizer steps."""
-    progress_bar: bool = True
-    """A tqdm bar with loss, learning rate and samples/s on the main process."""
+    progress_bar: bool | Literal["auto"] = "auto"
+    """A tqdm bar with loss, learning rate and samples/s on the main process; ``auto``: only when the console
+    is a terminal (under ``kubectl logs``, CI or a pipe the bar's frames would fill the log)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:

@@ -60,6 +60,30 @@ def block_layout(length: int, window: int, num_global: int) -> tuple[int, int, i
     return b, slots, -(-length // b) * b
 
 
+class GlobalCounts:
+    """The global tokens per row and their maximum, read once per encoder forward and shared by its layers.
+
+    The maximum sizes the global slots, so the host must read it from the device: on a GPU that waits for
+    the queued work. Every layer of one forward gets the same ``is_index_global_attn`` tensor from
+    ``LEDEncoder.forward`` (and so does the recomputation under gradient checkpointing), so the first layer
+    reads it and the others reuse the result; the tensor is kept to compare by identity."""
+
+    def __init__(self):
+        self.key: torch.Tensor | None = None
+        self.value: tuple[torch.Tensor, int] | None = None
+
+
+def global_counts(module, is_index_global_attn: torch.Tensor) -> tuple[torch.Tensor, int]:
+    cache = getattr(module, "global_counts_cache", None)
+    if cache is not None and cache.key is is_index_global_attn:
+        return cache.value
+    num_global = is_index_global_attn.sum(dim=1)
+    value = (num_global, int(num_global.max()))
+    if cache is not None:
+        cache.key, cache.value = is_index_global_attn, value
+    return value
+
+
 class SdpaLEDEncoderSelfAttention(LEDEncoderSelfAttention):
     """Drop-in for ``LEDEncoderSelfAttention`` (same parameters); see the module docstring."""
 
@@ -74,8 +98,8 @@ class SdpaLEDEncoderSelfAttention(LEDEncoderSelfAttention):
                                    is_global_attn, output_attentions)
         device = hidden_states.device
         dropout = self.dropout if self.training else 0.0
-        num_global = is_index_global_attn.sum(dim=1) if is_global_attn else None
-        b, slots, padded = block_layout(length, w, int(num_global.max()) if is_global_attn else 0)
+        num_global, most_global = global_counts(self, is_index_global_attn) if is_global_attn else (None, 0)
+        b, slots, padded = block_layout(length, w, most_global)
         blocks, pad = padded // b, padded - length
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:
@@ -185,13 +209,54 @@ def use_sdpa_encoder_attention(model):
 
     Returns the number of modules swapped: 0 for models that are not LED (nothing to do)."""
     swapped = 0
+    cache = GlobalCounts()
     for module in model.modules():
         if type(module) is LEDEncoderSelfAttention:
             module.__class__ = SdpaLEDEncoderSelfAttention
+            module.global_counts_cache = cache
             swapped += 1
     if swapped:
         _patch_encoder_mask()
+        _prepare_cross_attention_mask(model)
     return swapped
+
+
+def _cross_attention_mask(module, args, kwargs):
+    """The decoder's cross-attention mask in 4-D, with the values transformers builds from the 2-D one.
+
+    From a 2-D mask, transformers first checks on the host whether any input token is padding (to drop the
+    mask when none is): on a GPU that waits for the whole encoder to finish. A 4-D mask is taken as it is:
+    boolean for SDPA, additive (0 or the dtype's minimum) for eager attention."""
+    mask = kwargs.get("encoder_attention_mask")
+    if mask is None or mask.dim() != 2:
+        return args, kwargs
+    tokens = kwargs.get("input_ids")
+    tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
+    if tokens is None:
+        return args, kwargs
+    keep = mask[:, None, None, :].bool()
+    if module.config._attn_implementation != "sdpa":
+        dtype = module.embed_tokens.weight.dtype
+        keep = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+    # (B, 1, answer length, input length), the shape LED's attention checks: a broadcast view, no copy
+    kwargs["encoder_attention_mask"] = keep.expand(mask.shape[0], 1, tokens.shape[1], mask.shape[1])
+    return args, kwargs
+
+
+def _prepare_cross_attention_mask(model) -> None:
+    for module in model.modules():
+        if isinstance(module, modeling_led.LEDDecoder) and module.config._attn_implementation in ("sdpa", "eager"):
+            if getattr(module, "cross_attention_mask_hook", None) is None:
+                module.cross_attention_mask_hook = module.register_forward_pre_hook(_cross_attention_mask,
+                                                                                   with_kwargs=True)
+
+
+def _restore_cross_attention_mask(model) -> None:
+    for module in model.modules():
+        hook = getattr(module, "cross_attention_mask_hook", None)
+        if hook is not None:
+            hook.remove()
+            module.cross_attention_mask_hook = None
 
 
 def set_encoder_attention(model, implementation: str) -> int:
@@ -211,6 +276,7 @@ def set_encoder_attention(model, implementation: str) -> int:
         if type(module) is SdpaLEDEncoderSelfAttention:
             module.__class__ = LEDEncoderSelfAttention
             swapped += 1
+    _restore_cross_attention_mask(model)
     if any(isinstance(module, LEDEncoderSelfAttention) for module in model.modules()):
         if TRANSFORMERS_ENCODER_MASK is not None:
             modeling_led._prepare_4d_attention_mask_inverted = TRANSFORMERS_ENCODER_MASK

@@ -50,6 +50,12 @@ class NullTracker:
     def log_samples(self, samples: list[dict], step: int) -> None:
         pass
 
+    def flush(self) -> bool:
+        return True
+
+    def files_to_checkpoint(self) -> dict:
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -114,6 +120,18 @@ class Trackers:
     def run_id(self) -> str | None:
         """The first tracking run id among the trackers (the W&B run's), stored in checkpoints to resume it."""
         return next((t.run_id for t in self.trackers if getattr(t, "run_id", None) is not None), None)
+
+    def flush(self) -> bool:
+        """Everything logged so far on disk, before a checkpoint copies it (trackers without the method are)."""
+        return all([t.flush() for t in self.trackers if hasattr(t, "flush")])
+
+    def files_to_checkpoint(self) -> dict:
+        """Files a checkpoint must carry so that a new pod still holds the whole history (W&B offline)."""
+        out = {}
+        for t in self.trackers:
+            if hasattr(t, "files_to_checkpoint"):
+                out.update(t.files_to_checkpoint())
+        return out
 
     def close(self) -> None:
         for t in self.trackers:
@@ -417,28 +435,6 @@ def make_wandb_tracker(cfg: WandbConfig, run_dir: str | Path, config: dict,
 
 # --- hardware metrics -------------------------------------------------------------------------------
 
-# Peak dense (no 2:4 sparsity) BF16 tensor-core FLOP/s from NVIDIA's data sheets, matched against
-# torch.cuda.get_device_name() in this order (the first match wins: "H100 PCIe" before "H100").
-_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    (r"H100.*PCIe", 756e12),
-    (r"H100.*NVL", 835e12),
-    (r"H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    (r"H200.*NVL", 835e12),
-    (r"H200", 989e12),  # SXM and GH200
-    (r"A100", 312e12),
-    (r"L40S", 362e12),
-    (r"\bL4\b", 121e12),
-    (r"\bA10G\b", 125e12),  # AWS's A10 variant has no public data sheet; this is the A10's figure
-    (r"\bA10\b", 125e12),
-)
-
-
-def peak_bf16_flops(device_name: str) -> float | None:
-    """Peak dense BF16 FLOP/s of a GPU by its CUDA name, or None when it is not in the table."""
-    return next((flops for pattern, flops in _PEAK_BF16_FLOPS if re.search(pattern, device_name, re.IGNORECASE)),
-                None)
-
-
 def peak_memory_gb(device: torch.device | str) -> float:
     """Peak memory of this process in GiB: CUDA tensors allocated on ``device`` (since the last
     ``torch.cuda.reset_peak_memory_stats``), or on other devices the process's peak resident set size."""
@@ -451,13 +447,9 @@ def peak_memory_gb(device: torch.device | str) -> float:
     return peak * (1 if sys.platform == "darwin" else 1024) / 2**30
 
 
-def model_flops_utilization(n_params: int, tokens_per_s: float, device: torch.device | str) -> float | None:
-    """Model FLOPs utilization of one GPU: 6 * n_params * tokens/s (forward + backward) over its peak dense BF16
-    FLOP/s. ``tokens_per_s`` is this GPU's share. None on CPU or a GPU missing from the peak table."""
-    import torch
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    peak = peak_bf16_flops(torch.cuda.get_device_name(device))
-    return None if peak is None else 6 * n_params * tokens_per_s / peak
+def progress_bar_enabled(setting: bool | str, stream=None) -> bool:
+    """``tracking.progress_bar``: true, false, or ``auto`` (only when the console is a terminal)."""
+    if setting == "auto":
+        stream = sys.stderr if stream is None else stream
+        return bool(getattr(stream, "isatty", lambda: False)())
+    return bool(setting)

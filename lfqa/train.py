@@ -14,11 +14,16 @@ Several processes (what ``make train`` runs: 2 CPU processes over gloo)::
 
 The run folder (``output.dir``) receives ``metrics.jsonl``, ``summary.json`` and ``model/`` (weights as
 safetensors, tokenizer, ``job.yaml``); only the main process writes.
+
+This module builds the run (``build_*``: the same functions the tests and benchmarks call) and ends it;
+the loop itself is :class:`lfqa.trainer.Trainer`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -28,10 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lfqa.config import ConfigError, JobConfig, dump_job, job_to_dict, load_job
+from lfqa.evaluator import EvalData
 
 EXIT_CONFIG_ERROR = 2
 
@@ -39,10 +44,19 @@ EXIT_CONFIG_ERROR = 2
 @dataclass
 class PreparedData:
     train: object
-    validation: object
-    val_questions: list[str]
-    val_references: list[str]
+    eval: EvalData
     reports: dict
+
+
+@dataclass
+class Run:
+    """What :func:`run` holds besides the trainer: where things go and how to report."""
+
+    job: JobConfig
+    accelerator: object
+    run_dir: Path
+    remote: object
+    log: object
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,12 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_accelerator(job: JobConfig):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     handlers = []
-    cpu_only = not torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if cpu_only and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # On CPU-only machines accelerate needs an explicit gloo backend and, for plain DDP, `cpu=True` (its
         # launcher sets ACCELERATE_USE_CPU only for --cpu, which starts a single process); without them every
         # rank silently trains alone: no gradient sync, no data split, all ranks write the same files.
@@ -75,11 +89,13 @@ def make_accelerator(job: JobConfig):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[job.train.precision]
     return Accelerator(
-        cpu=cpu_only and not deepspeed,
+        cpu=not cuda and not deepspeed,
         mixed_precision=precision,
         gradient_accumulation_steps=job.train.gradient_accumulation_steps,
         # We step the scheduler once per optimizer step ourselves and size it in optimizer steps.
         step_scheduler_with_optimizer=False,
+        # Batches come from pinned memory on CUDA: their copy to the GPU then does not make the host wait.
+        dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
         kwargs_handlers=handlers,
     )
 
@@ -110,8 +126,6 @@ def configure_deepspeed(accelerator, job: JobConfig) -> dict | None:
 def stage_data_files(job: JobConfig):
     """The data config with ``s3://`` data files replaced by local copies (downloaded once into
     ``data.cache_dir/s3``, refreshed when the object changes), through the job's S3 endpoint and region."""
-    import dataclasses
-
     from lfqa.data import DataError
     from lfqa.storage import StorageError, stage_s3_uri
 
@@ -132,22 +146,28 @@ def stage_data_files(job: JobConfig):
                                validation_files=local(job.data.validation_files))
 
 
-def prepare_data(job: JobConfig, tokenizer, model, accelerator, log) -> PreparedData:
-    from lfqa.data import read_split, tokenize_examples
-
-    max_input = min(job.data.max_input_tokens, model.config.max_encoder_position_embeddings)
-    max_answer = min(job.data.max_answer_tokens, model.config.max_decoder_position_embeddings)
+def length_limits(job: JobConfig, model_config, log=print) -> tuple[int, int]:
+    """(input, answer) token limits: the job's, cut to the model's position tables."""
+    max_input = min(job.data.max_input_tokens, model_config.max_encoder_position_embeddings)
+    max_answer = min(job.data.max_answer_tokens, model_config.max_decoder_position_embeddings)
     if max_input < job.data.max_input_tokens:
         log(f"data.max_input_tokens {job.data.max_input_tokens} is more than the model's "
-            f"{model.config.max_encoder_position_embeddings} positions: using {max_input}")
+            f"{model_config.max_encoder_position_embeddings} positions: using {max_input}")
     if max_answer < job.data.max_answer_tokens:
         log(f"data.max_answer_tokens {job.data.max_answer_tokens} is more than the model's "
-            f"{model.config.max_decoder_position_embeddings} decoder positions: using {max_answer}")
-    out, reports = {}, {}
-    val_examples = None
+            f"{model_config.max_decoder_position_embeddings} decoder positions: using {max_answer}")
+    return max_input, max_answer
+
+
+def build_data(job: JobConfig, tokenizer, model_config, log=print, main_first=contextlib.nullcontext) -> PreparedData:
+    """Read, filter and tokenise both splits (cached); ``main_first`` lets one process per machine fill the
+    cache before the others read it."""
+    from lfqa.data import read_split, tokenize_examples
+
+    max_input, max_answer = length_limits(job, model_config, log)
+    out, reports, val_examples = {}, {}, None
     for split, limit in (("train", job.data.max_train_samples), ("validation", job.data.max_eval_samples)):
-        # The local main process reads and tokenises into the cache first; the others then load it.
-        with accelerator.local_main_process_first():
+        with main_first():
             examples, report, fingerprint = read_split(stage_data_files(job), split)
             out[split] = tokenize_examples(examples, tokenizer, job.data, report, fingerprint,
                                            max_input_tokens=max_input, max_answer_tokens=max_answer,
@@ -161,7 +181,7 @@ def prepare_data(job: JobConfig, tokenizer, model, accelerator, log) -> Prepared
     kept = out["validation"]["row_id"]
     questions = [val_examples[i].question for i in kept]
     references = [val_examples[i].answer for i in kept]
-    return PreparedData(out["train"], out["validation"], questions, references, reports)
+    return PreparedData(out["train"], EvalData(out["validation"], questions, references), reports)
 
 
 def keep_freed_memory() -> bool:
@@ -184,6 +204,21 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def set_up_cpu_memory(job: JobConfig, accelerator, log) -> None:
+    from accelerate.utils import DistributedType
+
+    if accelerator.device.type != "cpu" or not job.train.cpu_keep_freed_memory:
+        return
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed allocates multi-GB buffers (reduce buckets) that it barely touches; on the heap, with
+        # nothing handed back, each new one lands above the last: tens of GB of address space in minutes.
+        log("memory: train.cpu_keep_freed_memory is not used under DeepSpeed")
+    elif keep_freed_memory():
+        log("memory: freed memory stays in the process (glibc mallopt; train.cpu_keep_freed_memory)")
+    else:
+        log("memory: not glibc, train.cpu_keep_freed_memory has no effect")
 
 
 def plan_steps(sampler, num_processes: int, accum: int, epochs: int, max_steps: int) -> tuple[int, int]:
@@ -216,65 +251,84 @@ def plan_steps(sampler, num_processes: int, accum: int, epochs: int, max_steps: 
     return total, done
 
 
-def run(job: JobConfig) -> dict:
-    """Train, evaluate and save; returns the summary that also goes to ``summary.json``."""
-    from accelerate.utils import DistributedType, set_seed
+def build_collator(job: JobConfig, tokenizer, model):
+    """The model batch (padded to the attention window, global attention on the question) plus the host-side
+    counts the loop logs (:class:`lfqa.trainer.BatchStats`)."""
+    from lfqa.data import Seq2SeqCollator
+    from lfqa.flops import FlopsCounter
+    from lfqa.modeling import attention_window
+    from lfqa.trainer import StatsCollator
+
+    window = attention_window(model)
+    flops = FlopsCounter.for_model(model, job.model.gradient_checkpointing, window)
+    return StatsCollator(Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=window), flops)
+
+
+def build_sampler(job: JobConfig, dataset, window: int):
+    from lfqa.data import LengthGroupedBatchSampler
+
+    return LengthGroupedBatchSampler(
+        dataset["input_length"], dataset["label_length"], job.data.batch_size,
+        window=window, group_size=job.data.length_group_size, group_by_length=job.data.group_by_length,
+        seed=job.train.seed, max_tokens=job.data.max_tokens_per_batch,
+    )
+
+
+def build_loader(dataset, sampler, collate, seed: int):
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+
+    # Its own generator: starting an iterator draws a seed from it, which would otherwise come from the global
+    # RNG and shift dropout after a resume (the checkpoint restores the global RNG before the epoch restarts).
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def build_optimizer(job: JobConfig, model, device_type: str, ds_config: dict | None):
+    """AdamW without weight decay on biases and norms; DeepSpeed's own when its config names an optimizer."""
+    no_decay = ("bias", "layer_norm", "layernorm", "LayerNorm")
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if not any(k in n for k in no_decay)], "weight_decay": job.train.weight_decay},
+        {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    betas = (job.train.adam_beta1, job.train.adam_beta2)
+    if ds_config is not None and "optimizer" in ds_config:
+        # DeepSpeed builds its own optimizer (CPU Adam when offloading); "auto" values come from here.
+        from accelerate.utils import DummyOptim
+
+        return DummyOptim(groups, lr=job.train.learning_rate, weight_decay=job.train.weight_decay,
+                          betas=betas, eps=job.train.adam_epsilon)
+    # Under DeepSpeed (a JSON without an optimizer section) the torch optimizer is the for-loop AdamW: ZeRO-2
+    # with a fused one resumed 5e-6 away from the uninterrupted run, the for-loop one resumes exactly.
+    fused = job.train.fused_optimizer and device_type in ("cpu", "cuda") and ds_config is None
+    return torch.optim.AdamW(groups, lr=job.train.learning_rate, betas=betas, eps=job.train.adam_epsilon,
+                             fused=fused or None)
+
+
+def build_scheduler(job: JobConfig, optimizer, total_steps: int, num_processes: int, ds_config: dict | None):
+    """Linear warm-up and decay over the run's optimizer steps."""
+    if ds_config is not None and "scheduler" in ds_config:
+        from accelerate.utils import DummyScheduler
+
+        # DeepSpeed's WarmupDecayLR: the same linear warm-up and decay. accelerate divides total_num_steps by
+        # the process count (it assumes steps counted over all processes); ours are optimizer steps.
+        return DummyScheduler(optimizer, total_num_steps=total_steps * num_processes,
+                              warmup_num_steps=job.train.warmup_steps)
     from transformers import get_linear_schedule_with_warmup
 
-    from lfqa.checkpoint import CheckpointManager
-    from lfqa.data import LengthGroupedBatchSampler, Seq2SeqCollator
+    return get_linear_schedule_with_warmup(optimizer, job.train.warmup_steps, total_steps)
+
+
+def load_training_model(job: JobConfig, accelerator, log):
+    """(model, tokenizer), from the hub, a folder, S3 or the tiny builder; decoding settings from the job."""
     from lfqa.modeling import (
         apply_generation_config,
-        attention_window,
         enable_gradient_checkpointing,
         load_model,
         load_tokenizer,
         resolve_model_path,
     )
-    from lfqa.tracking import (
-        ConsoleTracker,
-        JsonlTracker,
-        NullTracker,
-        Trackers,
-        make_wandb_tracker,
-        resolve_wandb_mode,
-    )
 
-    run_dir = Path(job.output.dir)
-    if (run_dir / "model").exists() and not job.output.overwrite:  # every rank stops, before any collective
-        raise ConfigError(f"output.dir: {run_dir}/model exists and output.overwrite is false")
-    try:
-        resolve_wandb_mode(job.tracking.wandb.mode)
-    except ValueError as err:
-        raise ConfigError(f"tracking.wandb.mode: {err}") from None
-    accelerator = make_accelerator(job)
-    is_main = accelerator.is_main_process
-
-    def log(message: str) -> None:
-        if is_main:
-            tqdm.write(message)
-
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    log(f"lfqa: {accelerator.num_processes} process(es) ({accelerator.distributed_type}), device {accelerator.device}, "
-        f"precision {job.train.precision}, run folder {run_dir}"
-        + (f", remote copy {job.output.uri}" if job.output.uri else ""))
-    if accelerator.device.type == "cpu" and job.train.cpu_keep_freed_memory:
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # DeepSpeed allocates multi-GB buffers (reduce buckets) that it barely touches; on the heap, with
-            # nothing handed back, each new one lands above the last: tens of GB of address space in minutes.
-            log("memory: train.cpu_keep_freed_memory is not used under DeepSpeed")
-        elif keep_freed_memory():
-            log("memory: freed memory stays in the process (glibc mallopt; train.cpu_keep_freed_memory)")
-        else:
-            log("memory: not glibc, train.cpu_keep_freed_memory has no effect")
-    remote = open_remote(job, accelerator)
-    if remote is not None:
-        log(f"storage: {remote.url()} is reachable and writable")
-
-    set_seed(job.train.seed)
     with accelerator.local_main_process_first():
         model_path = resolve_model_path(job.model, job.output.s3_endpoint_url, job.output.s3_region)
     tokenizer = load_tokenizer(model_path, job.model.revision)
@@ -287,289 +341,187 @@ def run(job: JobConfig) -> dict:
                                 if model.config.model_type == "led" else ""))
     if job.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    return model, tokenizer
 
-    data = prepare_data(job, tokenizer, model, accelerator, log)
-    window = attention_window(model)
-    collator = Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=window)
-    sampler = LengthGroupedBatchSampler(
-        data.train["input_length"], data.train["label_length"], job.data.batch_size,
-        window=window, group_size=job.data.length_group_size, group_by_length=job.data.group_by_length,
-        seed=job.train.seed, max_tokens=job.data.max_tokens_per_batch,
-    )
-    # Its own generator: starting an iterator draws a seed from it, which would otherwise come from the global
-    # RNG and shift dropout after a resume (the checkpoint restores the global RNG before the epoch restarts).
-    loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=_collate_with_row_ids(collator),
-                        generator=torch.Generator().manual_seed(job.train.seed))
 
-    no_decay = ("bias", "layer_norm", "layernorm", "LayerNorm")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
-         "weight_decay": job.train.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
-    ]
+def build_trackers(job: JobConfig, run_dir: Path, is_main: bool, resume_id: str | None):
+    """metrics.jsonl always; W&B online with an API key, offline without (see tracking.wandb); main process only."""
+    from lfqa.tracking import ConsoleTracker, JsonlTracker, NullTracker, Trackers, make_wandb_tracker
+
+    if not is_main:
+        return NullTracker()
+    return Trackers(ConsoleTracker(prefixes=("train/",)), JsonlTracker(run_dir / "metrics.jsonl"),
+                    make_wandb_tracker(job.tracking.wandb, run_dir, job_to_dict(job), resume_id))
+
+
+def restore_metrics_file(run_dir: Path, resumed_from: Path | None) -> Path:
+    """The curve up to the checkpoint; anything logged after it by the stopped run is logged again now."""
+    metrics_file = run_dir / "metrics.jsonl"
+    if resumed_from is not None and (resumed_from / "metrics.jsonl").exists():
+        shutil.copyfile(resumed_from / "metrics.jsonl", metrics_file)
+    else:
+        metrics_file.unlink(missing_ok=True)
+    return metrics_file
+
+
+def build_parts(ctx: Run):
+    """(parts, plan, data): model, data, optimizer and schedule, prepared by accelerate; then the components."""
+    from lfqa.checkpoint import CheckpointManager
+    from lfqa.evaluator import Evaluator
+    from lfqa.modeling import attention_window
+    from lfqa.trainer import StepPlan, TrainParts
+
+    job, acc, log = ctx.job, ctx.accelerator, ctx.log
+    model, tokenizer = load_training_model(job, acc, log)
+    data = build_data(job, tokenizer, model.config, log, acc.local_main_process_first)
+    collate = build_collator(job, tokenizer, model)
+    sampler = build_sampler(job, data.train, attention_window(model))
+    loader = build_loader(data.train, sampler, collate, job.train.seed)
     accum = job.train.gradient_accumulation_steps
-    total_steps, epochs = plan_steps(sampler, accelerator.num_processes, accum, job.train.epochs,
-                                     job.train.max_steps)
-
-    ds_config = configure_deepspeed(accelerator, job) or {}
-    betas = (job.train.adam_beta1, job.train.adam_beta2)
-    if "optimizer" in ds_config:
-        # DeepSpeed builds its own optimizer (CPU Adam when offloading); "auto" values come from here.
-        from accelerate.utils import DummyOptim
-
-        optimizer = DummyOptim(groups, lr=job.train.learning_rate, weight_decay=job.train.weight_decay,
-                               betas=betas, eps=job.train.adam_epsilon)
-    else:
-        # Not under DeepSpeed: ZeRO-2 with a fused torch AdamW resumed 5e-6 away from the uninterrupted run
-        # (tests/test_checkpoints.py asserts 1e-6); the for-loop AdamW resumes exactly.
-        fused = (job.train.fused_optimizer and accelerator.device.type in ("cpu", "cuda")
-                 and accelerator.distributed_type != DistributedType.DEEPSPEED)
-        optimizer = torch.optim.AdamW(groups, lr=job.train.learning_rate, betas=betas, eps=job.train.adam_epsilon,
-                                      fused=fused or None)
-    if "scheduler" in ds_config:
-        from accelerate.utils import DummyScheduler
-
-        # DeepSpeed's WarmupDecayLR: the same linear warm-up and decay. accelerate divides total_num_steps by
-        # the process count (it assumes steps counted over all processes); ours are optimizer steps.
-        scheduler = DummyScheduler(optimizer, total_num_steps=total_steps * accelerator.num_processes,
-                                   warmup_num_steps=job.train.warmup_steps)
-    else:
-        scheduler = get_linear_schedule_with_warmup(optimizer, job.train.warmup_steps, total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    plan = StepPlan(*plan_steps(sampler, acc.num_processes, accum, job.train.epochs, job.train.max_steps))
+    if job.train.warmup_steps > plan.total_steps:
+        log(f"warning: train.warmup_steps {job.train.warmup_steps} is more than the run's {plan.total_steps} "
+            f"steps: the learning rate never reaches train.learning_rate")
+    ds_config = configure_deepspeed(acc, job)
+    optimizer = build_optimizer(job, model, acc.device.type, ds_config)
+    scheduler = build_scheduler(job, optimizer, plan.total_steps, acc.num_processes, ds_config)
+    model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
     per_batch = (f"up to {job.data.batch_size} rows and {job.data.max_tokens_per_batch} tokens"
                  if job.data.max_tokens_per_batch else f"{job.data.batch_size}")
     log(f"train: {len(data.train)} rows, {len(loader)} batches of {per_batch} per process, "
-        f"{total_steps} optimizer steps ({epochs} epoch(s), gradient accumulation {accum})")
-
-    checkpoints = CheckpointManager(accelerator, job, run_dir, remote=remote, log=log)
-    resumed_from, state = checkpoints.resume()
-    metrics_file = run_dir / "metrics.jsonl"
-    if is_main:
-        if resumed_from is not None and (resumed_from / "metrics.jsonl").exists():
-            # The curve up to the checkpoint; anything logged after it by the stopped run is replayed now.
-            shutil.copyfile(resumed_from / "metrics.jsonl", metrics_file)
-        else:
-            metrics_file.unlink(missing_ok=True)
-    tracker = NullTracker()
-    if is_main:
-        # metrics.jsonl always; W&B online with an API key, offline without (see tracking.wandb).
-        resume_id = (state or {}).get("tracking_run_id")
-        tracker = Trackers(ConsoleTracker(prefixes=("train/",)), JsonlTracker(metrics_file),
-                           make_wandb_tracker(job.tracking.wandb, run_dir, job_to_dict(job), resume_id))
-    try:
-        return _train_loop(job, accelerator, log, run_dir, remote, tokenizer, model, n_params, data, collator,
-                           sampler, loader, optimizer, scheduler, total_steps, epochs, checkpoints, resumed_from,
-                           state, metrics_file, tracker)
-    finally:
-        tracker.close()  # also when training fails: ends W&B's background service
+        f"{plan.total_steps} optimizer steps ({plan.epochs} epoch(s), gradient accumulation {accum})")
+    checkpoints = CheckpointManager(acc, job, ctx.run_dir, remote=ctx.remote, log=log)
+    evaluator = Evaluator(job.eval, acc, data.eval, collate.collator, ctx.run_dir, log)
+    parts = TrainParts(model, optimizer, scheduler, loader, sampler, tokenizer, evaluator, checkpoints,
+                       tracker=None, metrics_file=ctx.run_dir / "metrics.jsonl")
+    return parts, plan, data
 
 
-def _train_loop(job, accelerator, log, run_dir, remote, tokenizer, model, n_params, data, collator, sampler, loader,
-                optimizer, scheduler, total_steps, epochs, checkpoints, resumed_from, state, metrics_file,
-                tracker) -> dict:
-    """The optimisation loop with evaluation, checkpoints and preemption; then the final model."""
+def build_trainer(ctx: Run, callbacks=()):
+    """The trainer of this run, resumed from the newest complete checkpoint when there is one."""
+    from lfqa.flops import peak_flops
+    from lfqa.trainer import Trainer, TrainState
+
+    job, acc = ctx.job, ctx.accelerator
+    parts, plan, data = build_parts(ctx)
+    resumed_from, saved = parts.checkpoints.resume()
+    state = (TrainState.from_state_dict(saved) if saved is not None
+             else TrainState(seed=job.train.seed, num_processes=acc.num_processes))
+    if acc.is_main_process:
+        restore_metrics_file(ctx.run_dir, resumed_from)
+        if resumed_from is not None:  # a new pod: the offline W&B history of the earlier parts comes back
+            from lfqa.tracking import WandbTracker
+
+            WandbTracker.restore_files(resumed_from, ctx.run_dir)
+    parts.checkpoints.upload_newest_local()  # one the bucket missed while it was down
+    parts.tracker = build_trackers(job, ctx.run_dir, acc.is_main_process, state.tracking_run_id)
+    peak = peak_flops(acc.device, job.train.precision)
+    ctx.log(f"utilisation (train/mfu) against {peak.flops_per_s / 1e12:.3g} TFLOP/s per device: {peak.source}")
+    trainer = Trainer(job, acc, parts, state, plan, ctx.log, callbacks, peak)
+    trainer.summary.update({"job": job_to_dict(job), "data": data.reports, "num_processes": acc.num_processes,
+                            "distributed_type": str(acc.distributed_type)})
+    if resumed_from is not None:
+        trainer.summary["resumed_from"] = {"checkpoint": str(resumed_from), "step": state.step}
+    return trainer
+
+
+def start_run(job: JobConfig) -> Run:
+    """Checks that need no model (output folder, W&B mode, bucket), the accelerator, and the run's log."""
     from tqdm.auto import tqdm
 
-    from lfqa.checkpoint import StopSignal
-    from lfqa.evaluation import evaluate
-    from lfqa.tracking import model_flops_utilization, peak_memory_gb
+    from lfqa.tracking import resolve_wandb_mode
 
-    is_main = accelerator.is_main_process
+    run_dir = Path(job.output.dir)
+    if (run_dir / "model").exists() and not job.output.overwrite:  # every rank stops, before any collective
+        raise ConfigError(f"output.dir: {run_dir}/model exists and output.overwrite is false")
+    try:
+        resolve_wandb_mode(job.tracking.wandb.mode)
+    except ValueError as err:
+        raise ConfigError(f"tracking.wandb.mode: {err}") from None
+    accelerator = make_accelerator(job)
 
-    def run_eval(step: int, label: str) -> dict:
-        result = evaluate(model, tokenizer, data.validation, data.val_questions, data.val_references,
-                          job.eval, accelerator, collator)
-        tracker.log(result.metrics(), step)
-        tracker.log_samples(result.samples, step)
-        if is_main:
-            log(f"{label}: eval loss {result.loss:.4f} | " +
-                " | ".join(f"{k} {v:.4f}" for k, v in result.rouge.items()))
-            for sample in result.samples[: job.eval.num_examples_to_print]:
-                log(f"  question:  {sample['question']}\n  generated: {sample['generated']}\n"
-                    f"  reference: {sample['reference']}")
-            (run_dir / f"eval-step{step}.json").write_text(json.dumps(
-                {"step": step, "loss": result.loss, "rouge": result.rouge, "samples": result.samples}, indent=1))
-        return {"step": step, "loss": result.loss, "rouge": result.rouge,
-                "sample": result.samples[0] if result.samples else None, "metrics": result.metrics()}
+    def log(message: str) -> None:
+        if accelerator.is_main_process:
+            tqdm.write(message)
 
-    summary: dict = {"job": job_to_dict(job), "data": data.reports, "num_processes": accelerator.num_processes,
-                     "distributed_type": str(accelerator.distributed_type)}
-    step, start_epoch, skip_batches = 0, 0, 0
-    if state is not None:
-        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
-        # a token budget makes the batch count depend on the epoch; under several processes the loader's
-        # set_epoch does not reach our sampler (accelerate wraps it in a BatchSamplerShard)
-        sampler.set_epoch(start_epoch)
-        loader.set_epoch(start_epoch)
-        if skip_batches >= len(loader):
-            start_epoch, skip_batches = start_epoch + 1, 0
-        summary["resumed_from"] = {"checkpoint": str(resumed_from), "step": step}
-        log(f"resumed at step {step} (epoch {start_epoch + 1}, batch {skip_batches} of {len(loader)})")
-        if step >= total_steps:
-            log(f"the run already reached its {total_steps} steps: evaluating and saving only (raise "
-                f"train.max_steps to train on, or use checkpoint.resume=never or a new output.dir to start over)")
-    elif job.eval.at_start:
-        summary["eval_start"] = run_eval(0, "untrained model")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log(f"lfqa: {accelerator.num_processes} process(es) ({accelerator.distributed_type}), device {accelerator.device}, "
+        f"precision {job.train.precision}, run folder {run_dir}"
+        + (f", remote copy {job.output.uri}" if job.output.uri else ""))
+    set_up_cpu_memory(job, accelerator, log)
+    remote = open_remote(job, accelerator)
+    if remote is not None:
+        log(f"storage: {remote.url()} is reachable and writable")
+    return Run(job, accelerator, run_dir, remote, log)
 
-    # Which rows (by row_id, their place in the data file) this rank trained on in epoch 0.
-    seen = np.zeros(max(data.train["row_id"]) + 1, dtype=np.int64)
-    # Sums since the last log line, kept on the device so that the step never waits for a .item():
-    # loss, micro-batches, rows, real input tokens, padded input tokens, real answer tokens, padded answer tokens.
-    sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
-    if state is not None and is_main:
-        # The checkpoint holds the sums of all ranks; on one rank they add up to the same reduced total.
-        sums += torch.tensor(state["log_sums"], dtype=torch.float64, device=accelerator.device)
-    train_seconds = float(state["train_seconds"]) if state is not None else 0.0
-    last_eval: dict = {}
-    stop = StopSignal(accelerator, job.checkpoint.every_minutes)
-    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not (is_main and job.tracking.progress_bar),
-                    dynamic_ncols=True)
 
-    def save_checkpoint(epoch: int, batches_in_epoch: int) -> None:
-        stop.drain()
-        totals = accelerator.reduce(sums.clone(), reduction="sum").cpu().tolist()
-        loop_state = {
-            "step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "seed": job.train.seed,
-            "num_processes": accelerator.num_processes, "log_sums": totals,
-            "train_seconds": train_seconds + time.perf_counter() - segment_start,
-            "metrics": last_eval["metrics"] if last_eval.get("step") == step else {}, "time": time.time(),
-            "tracking_run_id": getattr(tracker, "run_id", None),
-        }
-        checkpoints.save(step, loop_state, tokenizer, model, extra_files={"metrics.jsonl": metrics_file})
-        stop.checkpointed()
-        saved_steps.append(step)
+def run(job: JobConfig, callbacks=()) -> dict:
+    """Train, evaluate and save; returns the summary that also goes to ``summary.json``.
 
-    saved_steps: list[int] = [step] if state is not None else []
-    checkpointing = bool(job.checkpoint.every_steps or job.checkpoint.every_minutes)
-    epoch, batch_index = start_epoch, skip_batches
+    ``callbacks``: objects with ``on_fit_start`` / ``on_batch_start`` / ``on_batch_end`` (see
+    :class:`lfqa.trainer.Callbacks`), for tools that watch the loop."""
+    from accelerate.utils import set_seed
 
-    model.train()
-    preempted = False
-    last_log = segment_start = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
-        if step >= total_steps:
-            break
-        # accelerate's loader counts its own epochs and passes them to the sampler at each iteration; a resumed
-        # run (or a skipping loader, which starts counting at the loader's count) must set it explicitly.
-        sampler.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        skip = skip_batches if epoch == start_epoch else 0
-        # Resume: skip the batches this epoch already trained on without loading them (the sampler is
-        # deterministic in seed and epoch, so the order is the interrupted run's).
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        batch_index = skip
-        for batch in epoch_loader:
-            batch_index += 1
-            row_ids = batch.pop("row_id")
-            if epoch == 0:
-                seen[row_ids.cpu().numpy()] = 1
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and job.train.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            labels = batch["labels"]
-            sums[0] += loss.detach()
-            sums[3] += batch["attention_mask"].sum()
-            sums[5] += (labels != -100).sum()
-            sums[[1, 2, 4, 6]] += torch.tensor([1, labels.shape[0], batch["input_ids"].numel(), labels.numel()],
-                                                 dtype=torch.float64, device=accelerator.device)
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            progress.update(1)
-            if step % job.tracking.log_every_steps == 0 or step == total_steps:
-                stats = accelerator.reduce(sums, reduction="sum").cpu().numpy()
-                now = time.perf_counter()
-                metrics = {
-                    "train/loss": stats[0] / stats[1],
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/samples_per_s": stats[2] / (now - last_log),
-                    "train/tokens_per_s": (stats[3] + stats[5]) / (now - last_log),
-                    "train/input_padding_efficiency": stats[3] / stats[4],
-                    "train/answer_padding_efficiency": stats[5] / stats[6],
-                    "train/epoch": epoch + 1,
-                }
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                metrics["train/peak_memory_gb"] = peak_memory_gb(accelerator.device)
-                # Estimated from 6 x parameters x tokens per process; on GPU only (None on CPU).
-                mfu = model_flops_utilization(n_params, metrics["train/tokens_per_s"] / accelerator.num_processes,
-                                              accelerator.device)
-                if mfu is not None:
-                    metrics["train/mfu"] = mfu
-                tracker.log(metrics, step)
-                progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
-                                     samples_s=f"{metrics['train/samples_per_s']:.2f}")
-                sums.zero_()
-                last_log = now
-            if step >= total_steps:
-                break
-            if job.eval.every_steps and step % job.eval.every_steps == 0:
-                paused = time.perf_counter()
-                last_eval = run_eval(step, f"step {step}")
-                segment_start += time.perf_counter() - paused  # training time excludes evaluation
-                last_log = time.perf_counter()  # throughput counts training time only
-            time_due, preempted = stop.poll()
-            if preempted or time_due or (job.checkpoint.every_steps and step % job.checkpoint.every_steps == 0):
-                if preempted:
-                    log(f"SIGTERM received: checkpointing at step {step} and stopping")
-                paused = time.perf_counter()
-                save_checkpoint(epoch, batch_index)
-                segment_start += time.perf_counter() - paused
-                last_log = time.perf_counter()
-            if preempted:
-                break
-        if step >= total_steps or preempted:
-            break
-    progress.close()
-    if preempted:
-        stop.restore()
-        return _stop_preempted(job, accelerator, checkpoints, tracker, run_dir, step, summary, log)
-    train_seconds += time.perf_counter() - segment_start
-    segment_start = time.perf_counter()
-    summary["eval_end"] = last_eval = run_eval(step, "trained model")
-    if checkpointing and saved_steps[-1:] != [step]:
-        # The last state with its evaluation (retention may keep it as the best), to extend or export the run.
-        save_checkpoint(epoch, batch_index)
-    stop.drain()
-    stop.restore()
+    ctx = start_run(job)
+    set_seed(job.train.seed)
+    trainer = build_trainer(ctx, callbacks)
+    try:
+        trainer.fit()
+        if trainer.preempted:
+            return stop_preempted(ctx, trainer)
+        return finish_run(ctx, trainer)
+    finally:
+        trainer.parts.tracker.close()  # also when training fails: ends W&B's background service
 
-    seen_counts = accelerator.reduce(torch.tensor(seen, device=accelerator.device), reduction="sum").cpu().numpy()
-    per_rank = accelerator.gather(torch.tensor([int(seen.sum())], device=accelerator.device)).cpu().tolist()
-    summary["ranks"] = {"rows_seen_per_rank_epoch0": per_rank,
-                        "rows_seen_by_several_ranks_epoch0": int((seen_counts > 1).sum())}
-    summary["train"] = {"steps": step, "seconds": round(train_seconds, 2)}
-    summary["checkpoint_upload_waits_s"] = [round(w, 3) for w in checkpoints.upload_waits]
 
-    # Every rank takes part in collecting the weights (a collective under sharded training).
-    state_dict = accelerator.get_state_dict(model)
-    model_dir = run_dir / "model"
-    if is_main:
+def save_final_model(ctx: Run, model, tokenizer, summary: dict) -> None:
+    """The consolidated model (every rank takes part: a collective under sharded training) and summary.json."""
+    acc = ctx.accelerator
+    state_dict = acc.get_state_dict(model)
+    model_dir = ctx.run_dir / "model"
+    if acc.is_main_process:
         if model_dir.exists():
             shutil.rmtree(model_dir)
-        accelerator.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+        acc.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
-        (model_dir / "job.yaml").write_text(dump_job(job))
+        (model_dir / "job.yaml").write_text(dump_job(ctx.job))
         summary["model_dir"] = str(model_dir)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        log(f"model saved to {model_dir}")
-    tracker.close()
-    if is_main:
+        (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        ctx.log(f"model saved to {model_dir}")
+
+
+def finish_run(ctx: Run, trainer) -> dict:
+    """After the last step: the final model, the curves, the uploads. A run whose newest checkpoint or final
+    model never reached the bucket fails (one line saying what is where), after every rank is done."""
+    from lfqa.storage import StorageError
+
+    acc, checkpoints, summary = ctx.accelerator, trainer.parts.checkpoints, trainer.summary
+    summary["checkpoint_upload_waits_s"] = [round(w, 3) for w in checkpoints.upload_waits]
+    save_final_model(ctx, trainer.parts.model, trainer.parts.tokenizer, summary)
+    trainer.parts.tracker.close()
+    failure = None
+    if acc.is_main_process:
         from lfqa.plot import plot_run
 
-        log(f"training curves drawn to {plot_run(run_dir)}")
+        ctx.log(f"training curves drawn to {plot_run(ctx.run_dir)}")
     uploaded = checkpoints.close()
-    if remote is not None and is_main:
-        publish_run(remote, run_dir, log)
-    if checkpoints.upload_errors or not uploaded:
-        log(f"warning: {len(checkpoints.upload_errors)} checkpoint upload(s) failed; see the messages above")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if ctx.remote is not None and acc.is_main_process:
+        status = summary["checkpoint_uploads"] = checkpoints.upload_status()
+        (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if not uploaded:
+            in_bucket = status["newest_in_bucket_step"]
+            failure = (f"output.uri: checkpoint step {status['newest_local_step']} is only in "
+                       f"{ctx.run_dir / 'checkpoints'}; the newest in {status['bucket']} is "
+                       + ("none" if in_bucket is None else f"step {in_bucket}"))
+        try:
+            publish_run(ctx.remote, ctx.run_dir, ctx.log)
+        except StorageError as err:
+            failure = f"output.uri: the final model did not reach {ctx.remote.url()}: {err}"
+    acc.wait_for_everyone()
+    acc.end_training()
+    if failure:
+        raise StorageError(failure)
     return summary
 
 
@@ -581,7 +533,8 @@ def open_remote(job: JobConfig, accelerator):
 
     from lfqa.storage import StorageError, open_store
 
-    store = open_store(job.output.uri, job.output.s3_endpoint_url, job.output.s3_region, job.checkpoint.upload_workers)
+    store = open_store(job.output.uri, job.output.s3_endpoint_url, job.output.s3_region, job.checkpoint.upload_workers,
+                       max_attempts=job.checkpoint.s3_max_attempts, timeout=job.checkpoint.s3_timeout_seconds)
     error = [None]
     if accelerator.is_main_process:
         try:
@@ -607,36 +560,27 @@ def publish_run(remote, run_dir: Path, log) -> None:
     log(f"model and reports uploaded to {remote.url()} in {time.perf_counter() - started:.1f}s")
 
 
-def _stop_preempted(job, accelerator, checkpoints, tracker, run_dir: Path, step: int, summary: dict, log) -> dict:
+def stop_preempted(ctx: Run, trainer) -> dict:
     """After the SIGTERM checkpoint: wait for its upload within the grace period, leave a note, and stop."""
-    grace = job.checkpoint.preemption_grace_seconds
+    acc, checkpoints, step = ctx.accelerator, trainer.parts.checkpoints, trainer.state.step
+    grace = ctx.job.checkpoint.preemption_grace_seconds
     uploaded = checkpoints.close(timeout=grace)
+    summary = trainer.summary
     summary["preempted"] = {"step": step, "uploaded": uploaded, "time": time.time()}
-    if accelerator.is_local_main_process:
+    if acc.is_local_main_process:
         # On every machine: each pod's start script turns torch's exit 1 into 75 when it finds this file.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "preempted.json").write_text(json.dumps(summary["preempted"]))
-    if accelerator.is_main_process:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.run_dir / "preempted.json").write_text(json.dumps(summary["preempted"]))
+    if acc.is_main_process:
         if uploaded:
-            log(f"preempted at step {step}: checkpoint saved" + (" and uploaded" if checkpoints.remote else ""))
+            ctx.log(f"preempted at step {step}: checkpoint saved" + (" and uploaded" if checkpoints.remote else ""))
         else:
-            log(f"preempted at step {step}: checkpoint saved locally; its upload did not finish in {grace:.0f}s, "
-                f"so a restart resumes from the previous complete one in the bucket")
-    tracker.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+            ctx.log(f"preempted at step {step}: checkpoint saved locally; its upload did not finish in {grace:.0f}s, "
+                    f"so a restart resumes from the previous complete one in the bucket")
+    trainer.parts.tracker.close()
+    acc.wait_for_everyone()
+    acc.end_training()
     return summary
-
-
-def _collate_with_row_ids(collator):
-    """The model batch plus the rows' ids, so that the loop knows which rows each rank trained on."""
-
-    def collate(rows: list[dict]) -> dict:
-        batch = collator(rows)
-        batch["row_id"] = torch.tensor([r["row_id"] for r in rows])
-        return batch
-
-    return collate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,18 +72,15 @@ def evaluate_alone(model_dir: Path):
     from accelerate import Accelerator
 
     from lfqa.config import load_job
-    from lfqa.data import Seq2SeqCollator, read_split, tokenize_examples
+    from lfqa.data import Seq2SeqCollator
     from lfqa.evaluation import evaluate
     from lfqa.modeling import attention_window, load_model, load_tokenizer
+    from lfqa.train import build_data
 
     job = load_job(model_dir / "job.yaml")
     model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
-    examples, report, fp = read_split(job.data, "validation")
-    ds = tokenize_examples(examples, tok, job.data, report, fp, max_input_tokens=1024, max_answer_tokens=256,
-                           limit=job.data.max_eval_samples, log=lambda _: None)
-    questions = [examples[i].question for i in ds["row_id"]]
-    references = [examples[i].answer for i in ds["row_id"]]
-    return evaluate(model, tok, ds, questions, references, job.eval, Accelerator(cpu=True),
+    val = build_data(job, tok, model.config, log=lambda _: None).eval
+    return evaluate(model, tok, val.dataset, val.questions, val.references, job.eval, Accelerator(cpu=True),
                     Seq2SeqCollator(tok.pad_token_id, attention_window(model)))
 
 
@@ -197,8 +194,14 @@ def test_export_of_the_last_checkpoint_is_the_trained_model(stage, launch, tmp_p
     assert result.rouge == pytest.approx(summary["eval_end"]["rouge"], abs=1e-6)  # generation under ZeRO-3 too
 
 
-def test_export_refuses_an_incomplete_checkpoint(tmp_path):
+def test_export_refuses_an_incomplete_checkpoint(tmp_path, capsys):
     from lfqa.export import main as export_main
 
-    (tmp_path / "step-00000005").mkdir()
-    assert export_main([str(tmp_path / "step-00000005"), "--out", str(tmp_path / "out")]) == 1
+    checkpoint = tmp_path / "step-00000005"
+    checkpoint.mkdir()
+    assert export_main([str(checkpoint), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip() == f"lfqa: error: {checkpoint}: not a complete checkpoint (no COMPLETE file)"
+    (checkpoint / "COMPLETE").write_text("{}")  # marked complete, but nothing was saved in it
+    assert export_main([str(checkpoint), "--out", str(tmp_path / "out")]) == 1
+    assert "no hf/config.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -65,8 +65,9 @@ def test_only_the_main_process_writes_metrics(trained):
 def test_the_saved_model_reloads_answers_and_reproduces_the_validation_loss(trained):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from lfqa.data import Seq2SeqCollator, read_split, tokenize_examples
+    from lfqa.data import Seq2SeqCollator
     from lfqa.modeling import attention_window
+    from lfqa.train import build_data
 
     tmp, run_dir, _ = trained
     model_dir = run_dir / "model"
@@ -76,9 +77,8 @@ def test_the_saved_model_reloads_answers_and_reproduces_the_validation_loss(trai
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
 
-    examples, report, fp = read_split(job.data, "validation")
-    ds = tokenize_examples(examples, tok, job.data, report, fp, max_input_tokens=1024, max_answer_tokens=256,
-                           limit=job.data.max_eval_samples, log=lambda _: None)
+    val = build_data(job, tok, model.config, log=lambda _: None).eval
+    ds = val.dataset
     assert len(ds) == 49
     collate = Seq2SeqCollator(tok.pad_token_id, attention_window(model))
 
@@ -109,7 +109,7 @@ def test_the_saved_model_reloads_answers_and_reproduces_the_validation_loss(trai
     answer = tok.decode(out[0], skip_special_tokens=True)
     assert len(answer.split()) >= 10
     sample = summary["eval_end"]["sample"]
-    assert sample["question"] == examples[ds[0]["row_id"]].question
+    assert sample["question"] == val.questions[0]
     assert answer.split()[:3] == sample["generated"].split()[:3]
 
 
@@ -163,47 +163,6 @@ def test_help_lists_usage():
     assert proc.returncode == 0 and "key=value" in proc.stdout and "accelerate launch" in proc.stdout
 
 
-def test_the_same_seed_gives_the_same_run(tmp_path):
-    def train(name):
-        args = ["jobs/tiny-cpu.yaml", f"output.dir={tmp_path / name}", "train.max_steps=6", "eval.at_start=false",
-                "eval.max_generate_samples=2", "data.max_eval_samples=4", "tracking.progress_bar=false",
-                "tracking.log_every_steps=2", *cache_overrides(tmp_path)]
-        proc = run_single(args, tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        losses = [r["train/loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-                  if "train/loss" in r]
-        from safetensors.torch import load_file
-
-        return losses, load_file(tmp_path / name / "model" / "model.safetensors")
-
-    losses_a, weights_a = train("a")
-    losses_b, weights_b = train("b")
-    assert len(losses_a) == 3 and losses_a == losses_b
-    assert weights_a.keys() == weights_b.keys()
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-
-
-def test_bf16_gradient_checkpointing_accumulation_and_periodic_eval(tmp_path):
-    run_dir = tmp_path / "run"
-    args = ["jobs/tiny-cpu.yaml", f"output.dir={run_dir}", "train.max_steps=4", "train.precision=bf16",
-            "model.gradient_checkpointing=true", "train.gradient_accumulation_steps=2", "eval.every_steps=2",
-            "eval.at_start=false", "eval.max_generate_samples=2", "data.max_eval_samples=4",
-            "tracking.log_every_steps=1", "tracking.progress_bar=false", *cache_overrides(tmp_path)]
-    proc = run_single(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    # 4 optimizer steps of 2 micro-batches of 4 rows.
-    assert summary["train"]["steps"] == 4 and summary["ranks"]["rows_seen_per_rank_epoch0"] == [32]
-    assert (run_dir / "eval-step2.json").exists() and (run_dir / "eval-step4.json").exists()
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train/loss" in r]
-    assert [r["step"] for r in train] == [1, 2, 3, 4]
-    # Warm-up of 200 steps: the learning rate grows by learning_rate / 200 per optimizer step.
-    assert [round(r["train/lr"] / 1e-3 * 200) for r in train] == [1, 2, 3, 4]
-    assert all(r["train/grad_norm"] > 0 for r in train)
-    assert "step 2: eval loss" in proc.stdout + proc.stderr
-
-
 def test_plot_draws_the_curves_of_a_run(trained, tmp_path, capsys):
     from lfqa.plot import PlotError, read_metrics, series
     from lfqa.plot import main as plot_main
@@ -222,23 +181,6 @@ def test_plot_draws_the_curves_of_a_run(trained, tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(PlotError, match=r"metrics.jsonl:2: line is not valid JSON"):
         read_metrics(tmp_path)
-
-
-def test_token_budget_batches_train(tmp_path):
-    """data.max_tokens_per_batch: batches hold as many rows as fit the budget (here up to 8), not a fixed 4."""
-    run_dir = tmp_path / "run"
-    args = ["jobs/tiny-cpu.yaml", f"output.dir={run_dir}", "train.max_steps=4", "data.batch_size=8",
-            "data.max_tokens_per_batch=3000", "eval.at_start=false", "eval.max_generate_samples=2",
-            "data.max_eval_samples=4", "tracking.log_every_steps=1", "tracking.progress_bar=false",
-            *cache_overrides(tmp_path)]
-    proc = run_single(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "batches of up to 8 rows and 3000 tokens per process" in proc.stdout + proc.stderr
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = summary["ranks"]["rows_seen_per_rank_epoch0"][0]
-    assert rows != 16 and 4 <= rows <= 32  # 4 steps, neither the fixed 4 rows each nor more than 8
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["train/answer_padding_efficiency"] > 0.5 for r in records if "train/loss" in r)
 
 
 def test_planned_steps_sum_each_epochs_own_batch_count():
