@@ -28,8 +28,10 @@ from lfqa.checkpoint import (
 
 
 def _store(run: str, endpoint: str | None, region: str | None):
-    from lfqa.storage import open_store
+    from lfqa.storage import StorageError, open_store
 
+    if not str(run).startswith("s3://") and not Path(run).is_dir():
+        raise StorageError(f"{run}: no such run folder")
     return open_store(run, endpoint, region)
 
 
@@ -133,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     from lfqa.storage import StorageError
 
     if args.command == "prune" and args.keep_last < 1:
-        print("lfqa checkpoints: error: --keep-last must be >= 1", file=sys.stderr)
+        print("lfqa: error: --keep-last must be >= 1", file=sys.stderr)
         return 2
     try:
         return {"list": cmd_list, "pull": cmd_pull, "prune": cmd_prune}[args.command](args)
     except (CheckpointError, StorageError) as err:
-        print(f"lfqa checkpoints: error: {err}", file=sys.stderr)
+        print(f"lfqa: error: {err}", file=sys.stderr)
         return 1
 
 

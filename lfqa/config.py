@@ -503,9 +503,11 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read job file ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a job file (not UTF-8 text)") from None
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:

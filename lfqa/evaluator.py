@@ -51,14 +51,16 @@ class Evaluator:
         tracker.log_samples(result.samples, step)
         if self.accelerator.is_main_process:
             self._report(result, step, label)
-        return {"step": step, "loss": result.loss, "rouge": result.rouge,
+        return {"step": step, "loss": result.loss, "rouge": result.rouge, "other": result.other,
                 "sample": result.samples[0] if result.samples else None, "metrics": result.metrics()}
 
     def _report(self, result, step: int, label: str) -> None:
+        scores = {**result.rouge, **result.other}  # every metric of eval.metrics
         self.log(f"{label}: eval loss {result.loss:.4f} | "
-                 + " | ".join(f"{k} {v:.4f}" for k, v in result.rouge.items()))
+                 + " | ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, (int, float))))
         for sample in result.samples[: self.cfg.num_examples_to_print]:
             self.log(f"  question:  {sample['question']}\n  generated: {sample['generated']}\n"
                      f"  reference: {sample['reference']}")
         (self.run_dir / f"eval-step{step}.json").write_text(json.dumps(
-            {"step": step, "loss": result.loss, "rouge": result.rouge, "samples": result.samples}, indent=1))
+            {"step": step, "loss": result.loss, "rouge": result.rouge, "other": result.other,
+             "samples": result.samples}, indent=1))

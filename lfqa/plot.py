@@ -24,7 +24,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise PlotError(f"{path}: no such file (is {run_dir} a run folder?)")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise PlotError(f"{path}: not a metrics file (not UTF-8 text)") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

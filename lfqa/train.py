@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -123,29 +122,6 @@ def configure_deepspeed(accelerator, job: JobConfig) -> dict | None:
     return config
 
 
-def stage_data_files(job: JobConfig):
-    """The data config with ``s3://`` data files replaced by local copies (downloaded once into
-    ``data.cache_dir/s3``, refreshed when the object changes), through the job's S3 endpoint and region."""
-    from lfqa.data import DataError
-    from lfqa.storage import StorageError, stage_s3_uri
-
-    def local(paths: list[str]) -> list[str]:
-        out = []
-        for path in paths:
-            if not path.startswith("s3://"):
-                out.append(path)
-                continue
-            try:
-                out.append(str(stage_s3_uri(path, Path(job.data.cache_dir) / "s3",
-                                             endpoint_url=job.output.s3_endpoint_url, region=job.output.s3_region)))
-            except StorageError as err:
-                raise DataError(f"{path}: {err}") from None
-        return out
-
-    return dataclasses.replace(job.data, train_files=local(job.data.train_files),
-                               validation_files=local(job.data.validation_files))
-
-
 def length_limits(job: JobConfig, model_config, log=print) -> tuple[int, int]:
     """(input, answer) token limits: the job's, cut to the model's position tables."""
     max_input = min(job.data.max_input_tokens, model_config.max_encoder_position_embeddings)
@@ -162,13 +138,14 @@ def length_limits(job: JobConfig, model_config, log=print) -> tuple[int, int]:
 def build_data(job: JobConfig, tokenizer, model_config, log=print, main_first=contextlib.nullcontext) -> PreparedData:
     """Read, filter and tokenise both splits (cached); ``main_first`` lets one process per machine fill the
     cache before the others read it."""
-    from lfqa.data import read_split, tokenize_examples
+    from lfqa.data import read_split, stage_data_files, tokenize_examples
 
     max_input, max_answer = length_limits(job, model_config, log)
     out, reports, val_examples = {}, {}, None
     for split, limit in (("train", job.data.max_train_samples), ("validation", job.data.max_eval_samples)):
         with main_first():
-            examples, report, fingerprint = read_split(stage_data_files(job), split)
+            staged = stage_data_files(job.data, job.output.s3_endpoint_url, job.output.s3_region)
+            examples, report, fingerprint = read_split(staged, split)
             out[split] = tokenize_examples(examples, tokenizer, job.data, report, fingerprint,
                                            max_input_tokens=max_input, max_answer_tokens=max_answer,
                                            limit=limit, log=log)

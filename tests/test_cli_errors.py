@@ -111,12 +111,7 @@ def cases():
                                                    "--out", "{tmp}/r", "model.name_or_path={d}/" + m]))
     for j in JOB_FILES:
         out += [(f"{cmd}-job-{j}", [cmd, "{d}/" + j]) for cmd in ("train", "check-job")]
-        plan = (f"plan-job-{j}", ["plan", "{d}/" + j, "--gpus", "1", "--gpu-memory", "80"])
-        binary = j in ("junk.yaml", "good.pdf")
-        out.append(pytest.param(*plan, marks=pytest.mark.xfail(
-            strict=True, reason="lfqa.plan loads a binary job file without lfqa.cli.check_job_text; "
-                                "config.load_job should catch UnicodeDecodeError (not this module's owner)"))
-                   if binary else plan)
+        out.append((f"plan-job-{j}", ["plan", "{d}/" + j, "--gpus", "1", "--gpu-memory", "80"]))
         out.append((f"data-report-job-{j}", ["data-report", "--job", "{d}/" + j]))
         out.append((f"eval-job-{j}", ["eval", "--model", "{model}", "--job", "{d}/" + j, "--data", "{d}/good.jsonl"]))
     for c in ["ckpt-incomplete", "ckpt-no-hf", "ckpt-junk-config", "ckpt-junk-weights", "a-file", "missing-ckpt"]:
@@ -126,10 +121,9 @@ def cases():
     out.append(("data-report-job-empty.yaml", ["data-report", "--job", "{d}/empty.yaml"]))
     for r in ["run-empty", "a-file", "missing-run"]:
         out.append((f"plot-{r}", ["plot", "{d}/" + r, "--out", "{tmp}/curves.png"]))
-    out.append(pytest.param("plot-run-junk", ["plot", "{d}/run-junk", "--out", "{tmp}/curves.png"],
-                            marks=pytest.mark.xfail(strict=True, reason="lfqa.plot reads a binary metrics.jsonl "
-                                                    "without catching UnicodeDecodeError (not this module's owner)")))
+    out.append(("plot-run-junk", ["plot", "{d}/run-junk", "--out", "{tmp}/curves.png"]))
     out.append(("checkpoints-pull-missing-run", ["checkpoints", "pull", "{d}/missing-run", "--out", "{tmp}/c"]))
+    out.append(("checkpoints-list-missing-run", ["checkpoints", "list", "{d}/missing-run"]))
     # Output paths of the wrong kind: a file where a folder is written, a folder where a file is.
     out += [
         ("eval-out-is-a-file", ["eval", "--model", "{model}", "--data", "{d}/good.jsonl", "--out", "{d}/a-file"]),
@@ -158,7 +152,7 @@ def test_damaged_input_is_one_line_and_a_nonzero_exit(case_id, argv, bad, tiny_m
     assert code != 0, err
     assert len(lines) == 1, err
     assert "Traceback" not in err and "error: unexpected " not in err, err
-    prefix = "lfqa checkpoints: error: " if argv[0] == "checkpoints" else "lfqa: error: "
+    prefix = "lfqa: error: "
     assert lines[0].startswith(prefix), err
 
 

@@ -134,7 +134,7 @@ def test_bf16_autocast_gradient_checkpointing_and_accumulation_take_effect(job):
     # checkpointing: each micro-batch runs the layer twice (forward, recomputed in backward)
     per_batch = np.bincount(layer_calls, minlength=4)
     assert list(per_batch) == [2] * 4
-    assert watch.trainer.parts.model.is_gradient_checkpointing
+    assert watch.trainer.parts.model.is_activation_checkpointing
     run_dir = watch.trainer.parts.evaluator.run_dir
     assert (run_dir / "eval-step1.json").exists() and (run_dir / "eval-step2.json").exists()
     train = train_records(run_dir)
