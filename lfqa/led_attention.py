@@ -162,21 +162,35 @@ class SdpaLEDEncoderSelfAttention(LEDEncoderSelfAttention):
         out = out.masked_fill(is_index_masked.view(batch, length, 1), 0.0)  # LED zeroes padding rows
 
         if is_global_attn:
-            global_query = self.query_global(hidden_states[rows, global_pos])
-            global_query = global_query.view(batch, -1, heads, head_dim).transpose(1, 2)
-            global_out = F.scaled_dot_product_attention(
-                global_query,
-                split_heads(self.key_global(hidden_states)),
-                split_heads(self.value_global(hidden_states)),
-                attn_mask=~is_index_masked.view(batch, 1, 1, length),
-                dropout_p=dropout,
-            )
-            global_out = global_out.transpose(1, 2).reshape(batch, -1, embed) * global_ok[..., None]
-            # global rows take the global result (spare slots scatter zeros onto rows the where() skips)
-            index = global_pos[:, :, None].expand(-1, -1, embed)
-            scattered = out.new_zeros(()).expand_as(out).scatter(1, index, global_out)
-            out = torch.where(is_index_global_attn[..., None], scattered, out)
+            out = self._with_global_rows(out, hidden_states, (global_pos, global_ok), is_index_masked,
+                                         is_index_global_attn, dropout)
         return (out,)
+
+    def _with_global_rows(self, out, hidden_states, global_slots, is_index_masked, is_index_global_attn, dropout):
+        """``out`` with the global tokens' rows replaced by their attention over every unmasked key, through
+        LED's global projections."""
+        global_pos, global_ok = global_slots
+        batch, length, embed = hidden_states.shape
+        heads, head_dim = self.num_heads, self.head_dim
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, length, heads, head_dim).transpose(1, 2)  # B H L D
+
+        rows = torch.arange(batch, device=hidden_states.device)[:, None]
+        global_query = self.query_global(hidden_states[rows, global_pos])
+        global_query = global_query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        global_out = F.scaled_dot_product_attention(
+            global_query,
+            split_heads(self.key_global(hidden_states)),
+            split_heads(self.value_global(hidden_states)),
+            attn_mask=~is_index_masked.view(batch, 1, 1, length),
+            dropout_p=dropout,
+        )
+        global_out = global_out.transpose(1, 2).reshape(batch, -1, embed) * global_ok[..., None]
+        # global rows take the global result (spare slots scatter zeros onto rows the where() skips)
+        index = global_pos[:, :, None].expand(-1, -1, embed)
+        scattered = out.new_zeros(()).expand_as(out).scatter(1, index, global_out)
+        return torch.where(is_index_global_attn[..., None], scattered, out)
 
 
 def _row_mask_inverted(mask: torch.Tensor, dtype: torch.dtype, tgt_len: int | None = None):

@@ -406,7 +406,7 @@ def start_run(job: JobConfig) -> Run:
     """Checks that need no model (output folder, W&B mode, bucket), the accelerator, and the run's log."""
     from tqdm.auto import tqdm
 
-    from lfqa.tracking import resolve_wandb_mode
+    from lfqa.tracking import progress_bar_enabled, resolve_wandb_mode
 
     run_dir = Path(job.output.dir)
     if (run_dir / "model").exists() and not job.output.overwrite:  # every rank stops, before any collective
@@ -427,10 +427,22 @@ def start_run(job: JobConfig) -> Run:
         f"precision {job.train.precision}, run folder {run_dir}"
         + (f", remote copy {job.output.uri}" if job.output.uri else ""))
     set_up_cpu_memory(job, accelerator, log)
+    if not progress_bar_enabled(job.tracking.progress_bar):
+        quiet_library_progress_bars()
     remote = open_remote(job, accelerator)
     if remote is not None:
         log(f"storage: {remote.url()} is reachable and writable")
     return Run(job, accelerator, run_dir, remote, log)
+
+
+def quiet_library_progress_bars() -> None:
+    """Off, with lfqa's own bar, where nobody watches a terminal: datasets' tokenising and transformers'
+    saving bars would write their carriage-return frames into the log."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 def run(job: JobConfig, callbacks=()) -> dict:
@@ -486,15 +498,17 @@ def finish_run(ctx: Run, trainer) -> dict:
     if ctx.remote is not None and acc.is_main_process:
         status = summary["checkpoint_uploads"] = checkpoints.upload_status()
         (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        failures = []
         if not uploaded:
             in_bucket = status["newest_in_bucket_step"]
-            failure = (f"output.uri: checkpoint step {status['newest_local_step']} is only in "
-                       f"{ctx.run_dir / 'checkpoints'}; the newest in {status['bucket']} is "
-                       + ("none" if in_bucket is None else f"step {in_bucket}"))
+            failures.append(f"checkpoint step {status['newest_local_step']} is only in {ctx.run_dir / 'checkpoints'}; "
+                            f"the newest in {status['bucket']} is "
+                            + ("none" if in_bucket is None else f"step {in_bucket}"))
         try:
             publish_run(ctx.remote, ctx.run_dir, ctx.log)
         except StorageError as err:
-            failure = f"output.uri: the final model did not reach {ctx.remote.url()}: {err}"
+            failures.append(f"the final model is only in {ctx.run_dir / 'model'} ({err})")
+        failure = "output.uri: " + "; ".join(failures) if failures else None
     acc.wait_for_everyone()
     acc.end_training()
     if failure:

@@ -197,6 +197,13 @@ def upload_metrics(status: dict) -> dict:
             "checkpoint/uploads_dropped": status.get("dropped", 0)}
 
 
+def saved_evaluation(state: TrainState) -> dict:
+    """The evaluation record of a checkpoint's own step, as :meth:`lfqa.evaluator.Evaluator.run` returns it."""
+    metrics = state.metrics
+    return {"step": state.step, "loss": metrics.get("eval/loss"), "sample": None, "metrics": metrics,
+            "rouge": {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/rouge")}}
+
+
 @dataclass
 class TrainParts:
     """Everything the loop drives, built by :func:`lfqa.train.build_parts`."""
@@ -256,6 +263,7 @@ class Trainer:
         self.last_eval: dict = {}
         self.grad_norm = None
         self.preempted = False
+        self.finished_before = False
         self.rows_seen = np.zeros(0, dtype=np.int64)
         self.progress = None
 
@@ -270,7 +278,9 @@ class Trainer:
                 break
         self.progress.close()
         self.summary["train"] = {"steps": self.state.step, "seconds": round(self.clock.seconds(), 2)}
-        if not self.preempted:
+        if self.finished_before:
+            self.summary["eval_end"] = self.last_eval = saved_evaluation(self.state)
+        elif not self.preempted:
             self.summary["eval_end"] = self.evaluate(self.state.step, "trained model")
             if self.parts.checkpoints.final_due(self.state.step):
                 self.save_checkpoint()  # the last state with its evaluation, to extend or export the run
@@ -291,8 +301,11 @@ class Trainer:
             self.log(f"resumed at step {state.step} (epoch {state.epoch + 1}, batch {state.batches_in_epoch} "
                      f"of {len(loader)})")
             if state.step >= self.plan.total_steps:
-                self.log(f"the run already reached its {self.plan.total_steps} steps: evaluating and saving only "
-                         f"(raise train.max_steps to train on, or use checkpoint.resume=never or a new output.dir)")
+                # A finished run run again: its last checkpoint holds the final evaluation (nothing to redo).
+                self.finished_before = bool(state.metrics)
+                what = "saving the model only" if self.finished_before else "evaluating and saving only"
+                self.log(f"the run already reached its {self.plan.total_steps} steps: {what} (raise "
+                         f"train.max_steps to train on, or use checkpoint.resume=never or a new output.dir)")
         elif self.parts.evaluator.due_at_start(resumed=False):
             self.summary["eval_start"] = self.evaluate(0, "untrained model")
         self.parts.checkpoints.start_schedule()

@@ -12,22 +12,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from conftest import ROOT, cache_overrides, lfqa_env
 from test_checkpoints import PYTHON, SINGLE_JOB, kill_tree, s3_env_for, single_cmd
 from wandb_records import offline_runs
 
 FAST = ["eval.every_steps=0", "checkpoint.keep_best=0"]
-
-# Known lfqa bugs (issue 14): strict, so each test fails as soon as its bug is fixed; then drop the mark.
-BUG_MESSAGE = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "lfqa.train.finish_run: when the final model's upload fails too, its line replaces the one saying where the "
-    "newest checkpoint is"))
-BUG_RERUN = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "rerunning a finished job appends a second eval row for the last step to metrics.jsonl"))
-BUG_BARS = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the datasets 'Tokenising ...' and transformers 'Writing model shards' bars write \\r frames into a pipe"))
-
 
 def jsonl_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -43,7 +32,6 @@ def steps_with(rows: list[dict], key: str) -> list[int]:
     return [r["step"] for r in rows if key in r]
 
 
-@BUG_MESSAGE
 def test_a_bucket_gone_for_good_ends_the_run_with_one_line_saying_where_the_newest_checkpoint_is(
         moto_server, fault_proxy, tmp_path):
     bucket = moto_server.make_bucket()
@@ -87,7 +75,6 @@ def test_a_bucket_gone_for_good_ends_the_run_with_one_line_saying_where_the_newe
     assert f"the newest in {uri}" in errors[0] and f"step {in_bucket}" in errors[0], errors[0]
 
 
-@BUG_RERUN
 def test_offline_wandb_and_metrics_survive_a_sigkill_and_a_new_pod(moto_server, tmp_path):
     bucket = moto_server.make_bucket()
     uri, run_dir = f"s3://{bucket}/run", tmp_path / "pod"
@@ -156,7 +143,6 @@ def console(tmp_path: Path, *extra: str) -> str:
     return text
 
 
-@BUG_BARS
 def test_a_log_read_through_a_pipe_has_no_progress_bar_frames(tmp_path):
     # SINGLE_JOB turns the bar off; the last setting wins, so "auto" (the default) is what this run uses.
     text = console(tmp_path, "tracking.progress_bar=auto")
