@@ -57,8 +57,10 @@ def measure_matmul_flops(device, precision: str, seconds: float = 0.25, size: in
 
     device = torch.device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # A generator of its own: the probe runs after a resume restored the RNG states, and must not move them.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -90,3 +90,11 @@ def test_cpu_matmul_probe_is_quick_and_plausible():
     rate = measure_matmul_flops("cpu", "fp32", seconds=0.1, size=256)
     assert time.perf_counter() - started < 5
     assert 1e8 < rate < 1e14
+
+
+def test_the_probe_leaves_the_random_state_alone():
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    measure_matmul_flops("cpu", "fp32", seconds=0.01, size=64)
+    assert torch.equal(torch.rand(4), expected)
