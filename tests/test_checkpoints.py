@@ -355,10 +355,11 @@ def test_zero2_sigterm_checkpoints_uploads_and_a_new_pod_resumes_from_the_bucket
     assert checkpoint_names(files) == {"step-00000056", "step-00000060"}
     assert "model/model.safetensors" in files and "summary.json" in files
 
-    # One W&B run across the restart: the same id, and the second part continues the step axis.
-    (first,), (second,) = offline_runs(pod1), offline_runs(pod2)
-    assert first.run_id == second.run_id
-    assert max(first.metric("train/loss")) == step
+    # One W&B run across the restart: the same id, and the second part continues the step axis. The new pod
+    # also holds the first part (it travelled with the checkpoint), so its disk has the whole offline history.
+    (first,), (restored, second) = offline_runs(pod1), offline_runs(pod2)
+    assert first.run_id == restored.run_id == second.run_id
+    assert max(first.metric("train/loss")) == step and max(restored.metric("train/loss")) == step
     assert min(second.metric("train/loss")) == step + 1 and max(second.metric("train/loss")) == 60
 
 
