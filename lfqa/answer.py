@@ -144,7 +144,9 @@ def resolve_model_and_job(model: str, job_path: str | None, overrides: list[str]
 
 def _fit_decoder(gen: GenerationConfig, config) -> GenerationConfig:
     """``gen`` with at most as many new tokens as the decoder has positions (more would index past them)."""
-    positions = getattr(config, "max_decoder_position_embeddings", None)
+    from lfqa.modeling import position_limits
+
+    positions = position_limits(config)[1]
     if positions is None or gen.max_new_tokens < positions:
         return gen
     most = positions - 1  # the decoder start token takes the first position
@@ -156,8 +158,7 @@ class Answerer:
 
     def __init__(self, model: str, *, generation: GenerationConfig | None = None, max_input_tokens: int | None = None,
                  global_attention: str | None = None, device: str | None = None):
-        from lfqa.data import Seq2SeqCollator
-        from lfqa.modeling import attention_window, load_model, load_tokenizer
+        from lfqa.modeling import load_model, load_tokenizer, model_collator, position_limits
 
         self.model_path = str(model)
         # The model first: its config says best what a folder holds ("a bert model, not a sequence-to-sequence").
@@ -165,14 +166,17 @@ class Answerer:
         self.tokenizer = load_tokenizer(self.model_path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        limit = self.model.config.max_encoder_position_embeddings
-        self.max_input_tokens = min(max_input_tokens or limit, limit)
-        # Decoding and input layout as in training, when the model folder says how it was trained.
-        job = saved_job(self.model_path) if generation is None or global_attention is None else None
+        limit = position_limits(self.model.config)[0]
+        # Decoding and input layout as in training, when the model folder says how it was trained; the input
+        # limit too, for a family without position limit (T5, LongT5).
+        needs_job = generation is None or global_attention is None or (max_input_tokens is None and limit is None)
+        job = saved_job(self.model_path) if needs_job else None
+        wanted = max_input_tokens or limit or (job or default_job()).data.max_input_tokens
+        self.max_input_tokens = min(wanted, limit or wanted)
         self.generation = _fit_decoder(generation or (job.eval.generation if job else GenerationConfig()),
                                        self.model.config)
         self.global_attention = global_attention or (job.data.global_attention if job else "question")
-        self.collator = Seq2SeqCollator(self.tokenizer.pad_token_id, attention_window(self.model))
+        self.collator = model_collator(self.model, self.tokenizer)
 
     def answer(self, question: str, *, document: str | None = None, contexts: list[str] | None = None) -> Answer:
         if (document is None) == (contexts is None):

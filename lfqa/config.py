@@ -34,7 +34,8 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the tiny random LED that ``model.name_or_path: tiny-led`` builds locally (no download)."""
+    """Shape of the tiny random model that ``model.name_or_path: tiny-led`` (``tiny-bart``, ``tiny-t5``,
+    ``tiny-longt5``) builds locally with a tokenizer trained on the bundled data (no download)."""
 
     d_model: int = 128
     """Hidden size."""
@@ -44,9 +45,11 @@ class TinyModelConfig:
     """Heads in every encoder and decoder layer."""
     ffn_dim: int = 256
     attention_window: int = 16
-    """Local attention window of the encoder (even; LED pads inputs to a multiple of it)."""
+    """Local attention window of the encoder (even; LED pads inputs to a multiple of it). LongT5: a local
+    radius of half of it and one global token per block of it; BART and T5 attend to every token."""
     max_input_tokens: int = 2048
-    """Encoder position embeddings."""
+    """Encoder position embeddings (BART: the larger of this and ``max_answer_tokens``, one size for both;
+    T5 and LongT5 attend by relative position: no table, only the tokenizer's model_max_length)."""
     max_answer_tokens: int = 256
     """Decoder position embeddings."""
     vocab_size: int = 2000
@@ -73,7 +76,10 @@ class ModelConfig:
     """Which model and tokenizer to fine-tune."""
 
     name_or_path: str = "allenai/led-base-16384"
-    """A hub id, a local folder written by save_pretrained, or ``tiny-led`` (built from ``model.tiny``)."""
+    """A hub id, a local folder written by save_pretrained, or a tiny random model built from ``model.tiny``:
+    ``tiny-led``, ``tiny-bart``, ``tiny-t5`` (Flan-T5's layout) or ``tiny-longt5`` (transient-global).
+    Any encoder-decoder family loads; the model decides the input and answer limits (its position tables),
+    the padding multiple (LED's window, else 8), global attention (LED only) and the decoder start token."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub id."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -84,8 +90,8 @@ class ModelConfig:
     encoder_attention: str = "sdpa"
     """LED's encoder self-attention: ``sdpa`` (lfqa's blocks of torch's fused attention kernel: the same
     weights and results, ~2x faster attention, no stored probabilities unless attention dropout is on, which
-    sends CPU runs to PyTorch's unfused path) or ``eager`` (transformers' own sliding chunks). Non-LED models
-    ignore it."""
+    sends CPU runs to PyTorch's unfused path) or ``eager`` (transformers' own sliding chunks). Other families
+    ignore it and ``data.global_attention`` (training logs a note) and keep transformers' attention."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
@@ -109,6 +115,9 @@ class FieldsConfig:
     """Key of a passage's title when the context is a list of objects (missing titles are fine)."""
     passage_text: str = "text"
     """Key of a passage's text when the context is a list of objects."""
+    facts: str = "facts"
+    """Optional list of short strings a correct answer must contain (names, numbers, key phrases): evaluation
+    reports the share found in each generated answer as ``fact_recall``. Rows without it are not scored."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -239,7 +248,9 @@ class EvalConfig:
     """Periodic evaluation: validation loss plus ROUGE on generated answers."""
 
     every_steps: int = 0
-    """Evaluate every N optimizer steps (0: only at the end)."""
+    """Evaluate every N optimizer steps: loss and generated answers (0: only at the end)."""
+    loss_every_steps: int = 0
+    """Also the validation loss alone every N steps (no generation, so it is cheap; 0: off)."""
     at_start: bool = False
     """Also evaluate before the first step, to show what the untrained model does."""
     batch_size: int = 4
@@ -255,6 +266,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
+        _check(self.loss_every_steps >= 0, "eval.loss_every_steps", "must be >= 0")
         _check(all(m.strip() for m in self.metrics), "eval.metrics", "names must not be empty")
         _check(len(set(self.metrics)) == len(self.metrics), "eval.metrics", "names a metric twice")
         _check(self.batch_size > 0, "eval.batch_size", "must be > 0")

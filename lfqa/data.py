@@ -43,6 +43,8 @@ class Example:
     question: str
     answer: str
     contexts: list[str]
+    facts: list[str] = field(default_factory=list)
+    """Short strings a correct answer contains (scored as fact recall); empty when the row has none."""
 
 
 @dataclass
@@ -165,6 +167,19 @@ def row_contexts(row: dict, fields: FieldsConfig) -> list[str] | str:
     return contexts or "empty context"
 
 
+def row_facts(row: dict, fields: FieldsConfig) -> list[str] | str:
+    """The row's facts (optional: absent or null is none), or the reason they are malformed."""
+    try:
+        value = get_path(row, fields.facts)
+    except KeyError:
+        return []
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(f, str) for f in value):
+        return f"facts field '{fields.facts}' is not a list of strings"
+    return [f.strip() for f in value if f.strip()]
+
+
 def normalise_row(row: Any, fields: FieldsConfig) -> Example | str:
     """Map one raw row to an :class:`Example`, or return the reason it is malformed."""
     if not isinstance(row, dict):
@@ -176,7 +191,10 @@ def normalise_row(row: Any, fields: FieldsConfig) -> Example | str:
     contexts = row_contexts(row, fields)
     if isinstance(contexts, str):
         return contexts
-    return Example(question, answer, contexts)
+    facts = row_facts(row, fields)
+    if isinstance(facts, str):
+        return facts
+    return Example(question, answer, contexts, facts)
 
 
 def expand_files(patterns: list[str]) -> list[Path]:
@@ -346,21 +364,32 @@ def encode_inputs(tokenizer, questions: list[str], contexts: list[list[str]], ma
     Returns ``input_ids``, ``num_global`` (leading tokens with global attention), ``truncated`` and
     ``full_length`` (tokens before the cut).
     """
-    eos = tokenizer.eos_token_id
     silence_length_warning(tokenizer)
+    closing = closing_tokens(tokenizer)
     inputs = [format_input(q, c) for q, c in zip(questions, contexts)]
     input_ids = tokenizer(inputs, add_special_tokens=True)["input_ids"]
     full_length = [len(ids) for ids in input_ids]
     truncated = [n > max_input_tokens for n in full_length]
-    # Keep the closing </s> when cutting, as tokenizer truncation would.
-    input_ids = [ids[: max_input_tokens - 1] + [eos] if cut else ids for ids, cut in zip(input_ids, truncated)]
+    # Keep the closing special tokens (</s>) when cutting, as tokenizer truncation would.
+    keep = max_input_tokens - len(closing)
+    input_ids = [ids[:keep] + closing if cut else ids for ids, cut in zip(input_ids, truncated)]
     if global_attention == "question":
         prefixes = tokenizer([f"question: {q}" for q in questions], add_special_tokens=True)["input_ids"]
-        # Without the prefix's closing </s>: <s> plus the question tokens.
-        num_global = [min(len(p) - 1, len(ids)) for p, ids in zip(prefixes, input_ids)]
+        # Without the prefix's closing tokens: the opening ones (BART's <s>, none for T5) and the question's.
+        num_global = [min(len(p) - len(closing), len(ids)) for p, ids in zip(prefixes, input_ids)]
     else:
         num_global = [1] * len(input_ids)
     return {"input_ids": input_ids, "num_global": num_global, "truncated": truncated, "full_length": full_length}
+
+
+def closing_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer appends to a text: ``[</s>]`` for BART, LED and T5."""
+    bare = tokenizer("question", add_special_tokens=False)["input_ids"]
+    full = tokenizer("question", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[start + len(bare):]
+    return []  # a tokenizer that changes the text's own tokens: nothing known to keep
 
 
 def tokenize_examples(
@@ -432,16 +461,19 @@ def tokenize_examples(
 
 @dataclass
 class Seq2SeqCollator:
-    """Pads a list of tokenised rows into a batch for LED.
+    """Pads a list of tokenised rows into a batch for the model (``lfqa.modeling.model_collator`` sets it up).
 
-    Inputs are padded to the longest input rounded up to ``pad_to_multiple_of`` (the attention
+    Inputs are padded to the longest input rounded up to ``pad_to_multiple_of`` (LED's attention
     window), never to a fixed maximum. LED pads to the window inside the encoder anyway; doing it here
     gives every rank the same shapes (ZeRO-3 needs that) and exact padding statistics. Labels (absent
-    when answering) are padded with -100 so that padding is ignored by the loss.
+    when answering) are padded with -100 so that padding is ignored by the loss. ``global_attention``:
+    a ``global_attention_mask`` over each row's ``num_global`` leading tokens (LED only; other families
+    refuse the key).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int = 1
+    global_attention: bool = True
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
@@ -451,17 +483,19 @@ class Seq2SeqCollator:
         n = len(rows)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((n, width), dtype=torch.long)
-        global_attention_mask = torch.zeros((n, width), dtype=torch.long)
+        global_attention_mask = torch.zeros((n, width), dtype=torch.long) if self.global_attention else None
         labels = torch.full((n, label_width), -100, dtype=torch.long)
         for i, row in enumerate(rows):
             ids = row["input_ids"]
             input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[i, : len(ids)] = 1
-            global_attention_mask[i, : max(1, int(row["num_global"]))] = 1
+            if global_attention_mask is not None:
+                global_attention_mask[i, : max(1, int(row["num_global"]))] = 1
             if has_labels:
                 labels[i, : len(row["labels"])] = torch.tensor(row["labels"], dtype=torch.long)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "global_attention_mask": global_attention_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if global_attention_mask is not None:
+            batch["global_attention_mask"] = global_attention_mask
         if has_labels:
             batch["labels"] = labels
         return batch

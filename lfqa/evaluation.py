@@ -11,7 +11,10 @@ from accelerate.utils import gather_object
 
 from lfqa.config import EvalConfig, GenerationConfig
 from lfqa.data import Seq2SeqCollator
+from lfqa.evaluator import EvalData
 from lfqa.metrics import compute_metrics
+
+BOOTSTRAP_SAMPLES = 1000
 
 
 @dataclass
@@ -24,9 +27,12 @@ class EvalResult:
     num_generated: int = 0
     other: dict[str, float] = field(default_factory=dict)
     """The numbers of every metric of ``eval.metrics`` but ROUGE, as ``metric/key``."""
+    facts: dict[str, float] = field(default_factory=dict)
+    """fact_recall, its interval and fact_rows, when the generated rows have facts."""
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        return {f"{prefix}loss": self.loss, **{f"{prefix}{k}": v for k, v in {**self.rouge, **self.other}.items()}}
+        numbers = {**self.rouge, **self.other, **self.facts}
+        return {f"{prefix}loss": self.loss, **{f"{prefix}{k}": v for k, v in numbers.items()}}
 
 
 def generation_kwargs(gen: GenerationConfig) -> dict:
@@ -53,14 +59,15 @@ def _rank_batches(shares: list[list[int]], rank: int, size: int, lockstep: bool)
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, dataset, questions: list[str], references: list[str], cfg: EvalConfig,
-             accelerator, collator: Seq2SeqCollator) -> EvalResult:
+def evaluate(model, tokenizer, data: EvalData, cfg: EvalConfig, accelerator, collator: Seq2SeqCollator,
+             generate: bool = True) -> EvalResult:
     """Loss on every validation row, generated answers for the first ``max_generate_samples``.
 
     Rows are dealt out round-robin to the ranks (sorted by length first, so batches pad little); the
     sums and the generated texts are gathered, so every rank returns the same result. Under ZeRO-3 the
     ranks run in lockstep and generate with ``synced_gpus`` (answers of different lengths would hang).
     """
+    dataset, questions, references = data.dataset, data.questions, data.references
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -86,6 +93,9 @@ def evaluate(model, tokenizer, dataset, questions: list[str], references: list[s
     token_count = accelerator.reduce(token_count, reduction="sum")
     loss = float(loss_sum / token_count) if token_count > 0 else math.nan
 
+    if not generate:
+        model.train()
+        return EvalResult(loss=loss, rouge={}, num_loss_examples=len(dataset))
     limit = len(dataset) if cfg.max_generate_samples is None else min(cfg.max_generate_samples, len(dataset))
     gen_shares = [[i for i in share if i < limit] for share in shares]
     predictions: list[tuple[int, str]] = []
@@ -95,12 +105,10 @@ def evaluate(model, tokenizer, dataset, questions: list[str], references: list[s
     for idx, real in _rank_batches(gen_shares, rank, cfg.batch_size, zero3 and limit > 0):
         batch = collator([dataset[i] for i in idx])
         with accelerator.autocast():
-            generated = unwrapped.generate(
-                input_ids=batch["input_ids"].to(accelerator.device),
-                attention_mask=batch["attention_mask"].to(accelerator.device),
-                global_attention_mask=batch["global_attention_mask"].to(accelerator.device),
-                **kwargs,
-            )
+            # LED's global_attention_mask only where the collator made one: other families refuse the key.
+            inputs = {k: v.to(accelerator.device) for k, v in batch.items()
+                      if k in ("input_ids", "attention_mask", "global_attention_mask")}
+            generated = unwrapped.generate(**inputs, **kwargs)
         if real:
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             predictions.extend(zip(idx, (t.strip() for t in texts)))
@@ -111,6 +119,8 @@ def evaluate(model, tokenizer, dataset, questions: list[str], references: list[s
     refs = [references[i] for i, _ in predictions]
     samples = [{"question": questions[i], "generated": p, "reference": references[i]} for i, p in predictions]
     model.train()
-    scores = compute_metrics(cfg.metrics, preds, refs)
+    facts = [data.facts[i] for i, _ in predictions] if data.facts is not None else None
+    # Intervals for every mean: resampling the per-row scores costs milliseconds.
+    scores = compute_metrics(cfg.metrics, preds, refs, facts=facts, bootstrap=BOOTSTRAP_SAMPLES)
     return EvalResult(loss=loss, rouge=scores.rouge, samples=samples, num_loss_examples=len(dataset),
-                      num_generated=len(preds), other=scores.other)
+                      num_generated=len(preds), other=scores.other, facts=scores.facts)

@@ -279,10 +279,13 @@ def set_encoder_attention(model, implementation: str) -> int:
     The encoder mask function is module-wide in transformers: the per-row one gives the same values, so
     models already set up are not affected in their results, only in the memory the mask takes. ``eager``
     puts transformers' function back, so that ``eager`` measures transformers' behaviour (benchmarks set up
-    one attention after the other in one process)."""
+    one attention after the other in one process). Other families (BART, T5, LongT5) keep transformers'
+    attention whatever ``implementation`` says: nothing is swapped or patched, 0 is returned."""
     if implementation not in ENCODER_ATTENTIONS:
         raise ValueError(f"encoder attention must be one of {', '.join(ENCODER_ATTENTIONS)}, "
                          f"not {implementation!r}")
+    if not any(isinstance(module, LEDEncoderSelfAttention) for module in model.modules()):
+        return 0
     if implementation == "sdpa":
         return use_sdpa_encoder_attention(model)
     swapped = 0

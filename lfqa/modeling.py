@@ -1,11 +1,16 @@
-"""Models and tokenizers: load through the Auto classes, or build a tiny LED locally.
+"""Models and tokenizers: load through the Auto classes, or build a tiny model locally.
 
 ``model.name_or_path`` is a hub id (``allenai/led-base-16384``), a local folder written by
-``save_pretrained``, or ``tiny-led``: a small random LED with a byte-level BPE tokenizer (BART's special
-tokens) trained on the bundled data. The tiny model is saved with ``save_pretrained`` and then loaded
-through the very same Auto-class path as a real model, so CI exercises the real loading code.
+``save_pretrained``, or ``tiny-led`` / ``tiny-bart`` / ``tiny-t5`` / ``tiny-longt5``: a small random model of
+that family with a byte-level BPE tokenizer trained on the bundled data, in the family's conventions
+(LED and BART: RoBERTa's <s> ... </s>; T5 and LongT5: <pad>=0, </s> only, the decoder starts from <pad>).
+The tiny model is saved with ``save_pretrained`` and then loaded through the very same Auto-class path as a
+real model, so CI exercises the real loading code. What differs between families (position limits,
+padding, LED's global attention) is decided here from the model's config: ``position_limits``,
+``pad_multiple``, ``takes_global_attention``.
 
-    python -m lfqa.modeling --out /tmp/tiny-led      # build one by hand
+    python -m lfqa.modeling --out /tmp/tiny-led                   # build one by hand
+    python -m lfqa.modeling --out /tmp/tiny-t5 --family t5
 """
 
 from __future__ import annotations
@@ -26,11 +31,17 @@ from lfqa.config import ModelConfig, TinyModelConfig
 from lfqa.errors import LfqaError
 
 TINY_MODEL_NAME = "tiny-led"
+TINY_FAMILIES = {"tiny-led": "led", "tiny-bart": "bart", "tiny-t5": "t5", "tiny-longt5": "longt5"}
+"""``model.name_or_path`` values that build a tiny random model of that family locally."""
 BUNDLED_DATA_DIR = Path(__file__).parent / "data"
 BUNDLED_TRAIN = BUNDLED_DATA_DIR / "tiny_train.jsonl"
 BUNDLED_VALIDATION = BUNDLED_DATA_DIR / "tiny_validation.jsonl"
 # BART / LED special tokens, in their usual id order (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4).
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+# T5's, in its id order (<pad>=0, </s>=1, <unk>=2): no <s>, the decoder starts from <pad>.
+T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
+RELATIVE_POSITION_TYPES = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+"""Families whose attention takes relative positions: no position table, so no hard input or answer limit."""
 
 
 class ModelLoadError(LfqaError, RuntimeError):
@@ -38,55 +49,128 @@ class ModelLoadError(LfqaError, RuntimeError):
 
 
 def _bundled_texts() -> list[str]:
+    """What the tiny tokenizer is trained on: the bundled training rows, made by the generator.
+
+    Never the validation rows: their invented names would become tokens of their own whose embeddings
+    training never updates, so a model could not write them even when it finds them in the context.
+    """
+    from lfqa.bundled_data import tokenizer_rows
+
     texts = []
-    for path in (BUNDLED_TRAIN, BUNDLED_VALIDATION):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            texts.append(row["question"])
-            texts.append(row["answer"])
-            texts.extend(row["context"])
+    for row in tokenizer_rows():
+        texts.append(row["question"])
+        texts.append(row["answer"])
+        texts.extend(row["context"])
     return texts
 
 
-def build_tiny_model(tiny: TinyModelConfig, out_dir: str | Path) -> Path:
-    """Train a byte-level BPE tokenizer on the bundled data, make a random LED, save both to ``out_dir``."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LEDConfig, LEDForConditionalGeneration, LEDTokenizer
-
-    out_dir = Path(out_dir)
-    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(_bundled_texts(), vocab_size=tiny.vocab_size, min_frequency=2,
-                            special_tokens=SPECIAL_TOKENS, show_progress=False)
-    bpe_model = json.loads(bpe._tokenizer.to_str())["model"]
-    # LEDTokenizer (RoBERTa's byte-level BPE) with our vocabulary: the same class and special-token
-    # behaviour as allenai/led-base-16384's tokenizer, so nothing downstream special-cases the tiny model.
-    tokenizer = LEDTokenizer(vocab=bpe_model["vocab"], merges=[tuple(m) for m in bpe_model["merges"]],
-                             model_max_length=tiny.max_input_tokens)
-    config = LEDConfig(
-        vocab_size=len(tokenizer),
-        d_model=tiny.d_model,
-        encoder_layers=tiny.encoder_layers,
-        decoder_layers=tiny.decoder_layers,
-        encoder_attention_heads=tiny.attention_heads,
-        decoder_attention_heads=tiny.attention_heads,
-        encoder_ffn_dim=tiny.ffn_dim,
-        decoder_ffn_dim=tiny.ffn_dim,
-        attention_window=tiny.attention_window,
-        max_encoder_position_embeddings=tiny.max_input_tokens,
-        max_decoder_position_embeddings=tiny.max_answer_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        # LED's own convention (allenai/led-base-16384): the decoder starts from </s>.
-        decoder_start_token_id=tokenizer.eos_token_id,
+def build_tiny_model(tiny: TinyModelConfig, out_dir: str | Path, family: str = "led") -> Path:
+    """Train a byte-level BPE tokenizer on the bundled data, make a random model of ``family`` (``led``,
+    ``bart``, ``t5``, ``longt5``) with it, save both to ``out_dir``."""
+    from transformers import (
+        BartForConditionalGeneration,
+        LEDForConditionalGeneration,
+        LongT5ForConditionalGeneration,
+        T5ForConditionalGeneration,
     )
+
+    if family not in TINY_FAMILIES.values():
+        raise ValueError(f"no tiny builder for the {family!r} family (one of {', '.join(TINY_FAMILIES.values())})")
+    out_dir = Path(out_dir)
+    vocab, merges = _train_tiny_bpe(tiny)
+    tokenizer = _tiny_tokenizer(family, vocab, merges, tiny.max_input_tokens)
+    config = _tiny_config(family, tiny, tokenizer)
+    model_class = {"led": LEDForConditionalGeneration, "bart": BartForConditionalGeneration,
+                   "t5": T5ForConditionalGeneration, "longt5": LongT5ForConditionalGeneration}[family]
     with torch.random.fork_rng():
         torch.manual_seed(tiny.seed)
-        model = LEDForConditionalGeneration(config)
+        model = model_class(config)
+    if family in ("t5", "longt5"):
+        # transformers draws an untied T5 output layer with std 1 (its pretrained models never start from it):
+        # a random model would start at a loss of ~24 instead of ln(vocabulary). Scaled as a tied T5's is.
+        with torch.no_grad():
+            model.lm_head.weight.mul_(config.d_model**-0.5)
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_on_any_rank(model, out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _train_tiny_bpe(tiny: TinyModelConfig) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocabulary, merges) of a byte-level BPE trained on the bundled data, with BART's special tokens."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(_bundled_texts(), vocab_size=tiny.vocab_size, min_frequency=2,
+                            special_tokens=SPECIAL_TOKENS, show_progress=False)
+    bpe_model = json.loads(bpe._tokenizer.to_str())["model"]
+    return bpe_model["vocab"], [tuple(m) for m in bpe_model["merges"]]
+
+
+def _tiny_tokenizer(family: str, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int):
+    """The trained BPE in the family's tokenizer conventions, so nothing downstream special-cases a tiny model."""
+    from transformers import BartTokenizer, LEDTokenizer
+
+    if family in ("led", "bart"):
+        # RoBERTa's byte-level BPE (<s> ... </s>): the class and special-token behaviour of
+        # allenai/led-base-16384's and facebook/bart-large's tokenizers.
+        tokenizer_class = LEDTokenizer if family == "led" else BartTokenizer
+        return tokenizer_class(vocab=vocab, merges=merges, model_max_length=max_length)
+    return _t5_style_tokenizer(vocab, merges, max_length)
+
+
+def _t5_style_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int):
+    """T5's conventions on the same BPE: <pad>=0, </s>=1, <unk>=2, no <s>, inputs and labels end with </s>.
+
+    T5's own tokenizer class is a SentencePiece unigram model, so the byte-level BPE travels as a plain
+    ``tokenizer.json`` (AutoTokenizer loads it as the tokenizers backend)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    # BART's special tokens out, T5's in front; the learned tokens keep their order and merges.
+    learned = [token for token, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if token not in SPECIAL_TOKENS]
+    t5_vocab = {token: i for i, token in enumerate(T5_SPECIAL_TOKENS + learned)}
+    backend = Tokenizer(models.BPE(vocab=t5_vocab, merges=merges, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(T5_SPECIAL_TOKENS)
+    eos = t5_vocab["</s>"]
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", eos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=max_length)
+
+
+def _tiny_config(family: str, tiny: TinyModelConfig, tokenizer):
+    """The family's config at the tiny shape; special tokens and the decoder start as its public models have."""
+    from transformers import BartConfig, LEDConfig, LongT5Config, T5Config
+
+    tokens = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if family in ("t5", "longt5"):
+        # Flan-T5 / long-t5-tglobal: gated-GELU feed-forward, untied output layer; the decoder starts from <pad>.
+        shape = dict(vocab_size=len(tokenizer), d_model=tiny.d_model, d_kv=tiny.d_model // tiny.attention_heads,
+                     d_ff=tiny.ffn_dim, num_layers=tiny.encoder_layers, num_decoder_layers=tiny.decoder_layers,
+                     num_heads=tiny.attention_heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                     decoder_start_token_id=tokenizer.pad_token_id, **tokens)
+        if family == "t5":
+            return T5Config(**shape)
+        # Transient-global attention: a local band of attention_window / 2 tokens on either side, plus one
+        # summary token per block of attention_window tokens.
+        return LongT5Config(encoder_attention_type="transient-global", local_radius=tiny.attention_window // 2,
+                            global_block_size=tiny.attention_window, **shape)
+    shape = dict(vocab_size=len(tokenizer), d_model=tiny.d_model, encoder_layers=tiny.encoder_layers,
+                 decoder_layers=tiny.decoder_layers, encoder_attention_heads=tiny.attention_heads,
+                 decoder_attention_heads=tiny.attention_heads, encoder_ffn_dim=tiny.ffn_dim,
+                 decoder_ffn_dim=tiny.ffn_dim, bos_token_id=tokenizer.bos_token_id,
+                 # LED's and BART's own convention (allenai/led-base-16384, facebook/bart-large): the decoder
+                 # starts from </s>.
+                 decoder_start_token_id=tokenizer.eos_token_id, **tokens)
+    if family == "bart":
+        # One position table size for both sides: room for the longer of inputs and answers.
+        return BartConfig(max_position_embeddings=max(tiny.max_input_tokens, tiny.max_answer_tokens),
+                          forced_eos_token_id=tokenizer.eos_token_id, **shape)
+    return LEDConfig(attention_window=tiny.attention_window, max_encoder_position_embeddings=tiny.max_input_tokens,
+                     max_decoder_position_embeddings=tiny.max_answer_tokens, **shape)
 
 
 def _save_on_any_rank(model, out_dir: Path) -> None:
@@ -106,15 +190,25 @@ def _save_on_any_rank(model, out_dir: Path) -> None:
 
 def tiny_model_dir(model_cfg: ModelConfig) -> Path:
     """The cache folder for a tiny model: keyed by its shape and the bundled data it was trained on."""
+    from lfqa import bundled_data
+
     key = hashlib.sha256(json.dumps(dataclasses.asdict(model_cfg.tiny), sort_keys=True).encode())
-    for path in (BUNDLED_TRAIN, BUNDLED_VALIDATION):
-        key.update(path.read_bytes())
+    key.update(Path(bundled_data.__file__).read_bytes())  # the generator makes the tokenizer's text
     return Path(model_cfg.cache_dir) / f"{TINY_MODEL_NAME}-{key.hexdigest()[:12]}"
+
+
+def tiny_family_dir(model_cfg: ModelConfig) -> Path:
+    """The cache folder of ``model.name_or_path`` (``tiny-led``, ``tiny-bart``, ...): ``tiny_model_dir``'s key
+    under the family's name, so that each family of one shape has a folder of its own."""
+    base = tiny_model_dir(model_cfg)
+    if model_cfg.name_or_path == TINY_MODEL_NAME:
+        return base
+    return base.with_name(model_cfg.name_or_path + base.name.removeprefix(TINY_MODEL_NAME))
 
 
 def ensure_tiny_model(model_cfg: ModelConfig) -> Path:
     """Build the tiny model once; later calls (and other processes) reuse the folder."""
-    target = tiny_model_dir(model_cfg)
+    target = tiny_family_dir(model_cfg)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +216,7 @@ def ensure_tiny_model(model_cfg: ModelConfig) -> Path:
     # and two processes building at once both end with a complete folder.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_model(model_cfg.tiny, tmp)
+        build_tiny_model(model_cfg.tiny, tmp, TINY_FAMILIES[model_cfg.name_or_path])
         try:
             os.rename(tmp, target)
         except OSError:
@@ -140,7 +234,7 @@ def resolve_model_path(model_cfg: ModelConfig, s3_endpoint_url: str | None = Non
     ``s3://bucket/prefix`` (clusters without hub access stage weights in a bucket) is downloaded once into
     ``model.cache_dir`` and reused by later runs.
     """
-    if model_cfg.name_or_path == TINY_MODEL_NAME:
+    if model_cfg.name_or_path in TINY_FAMILIES:
         return str(ensure_tiny_model(model_cfg))
     if model_cfg.name_or_path.startswith("s3://"):
         from lfqa.storage import StorageError, stage_s3_uri
@@ -246,9 +340,47 @@ def model_limits(name_or_path: str, max_input_tokens: int, max_answer_tokens: in
         config = AutoConfig.from_pretrained(name_or_path)
     except Exception as err:  # noqa: BLE001 - as in load_model
         raise _load_error("model config", name_or_path, err) from None
-    encoder = getattr(config, "max_encoder_position_embeddings", None) or max_input_tokens
-    decoder = getattr(config, "max_decoder_position_embeddings", None) or max_answer_tokens
-    return min(max_input_tokens, encoder), min(max_answer_tokens, decoder)
+    return fit_limits(config, max_input_tokens, max_answer_tokens)
+
+
+def position_limits(config) -> tuple[int | None, int | None]:
+    """(input, answer) tokens the model's position embeddings hold; None where the family has no such limit.
+
+    LED has a table for each side; BART (and other absolute-position models) one size for both; T5 and
+    LongT5 attend by relative position, so only the job's limits apply."""
+    if config.model_type in RELATIVE_POSITION_TYPES:
+        return None, None
+    shared = getattr(config, "max_position_embeddings", None)
+    encoder = getattr(config, "max_encoder_position_embeddings", None) or shared
+    decoder = getattr(config, "max_decoder_position_embeddings", None) or shared
+    return encoder, decoder
+
+
+def fit_limits(config, max_input_tokens: int, max_answer_tokens: int) -> tuple[int, int]:
+    """The job's (input, answer) limits, cut to the model's :func:`position_limits`."""
+    encoder, decoder = position_limits(config)
+    return min(max_input_tokens, encoder or max_input_tokens), min(max_answer_tokens, decoder or max_answer_tokens)
+
+
+def takes_global_attention(model) -> bool:
+    """Whether the model's forward takes a ``global_attention_mask`` (LED); other families get none."""
+    import inspect
+
+    return "global_attention_mask" in inspect.signature(model.forward).parameters
+
+
+def pad_multiple(model) -> int:
+    """What inputs are padded to a multiple of: LED's attention window (it pads to it anyway), else 8
+    (aligned shapes for GPU kernels, at most 7 padding tokens a row)."""
+    return attention_window(model) if takes_global_attention(model) else 8
+
+
+def model_collator(model, tokenizer):
+    """The batch collator for this model: its padding multiple, global attention only where it takes it."""
+    from lfqa.data import Seq2SeqCollator
+
+    return Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple(model),
+                           global_attention=takes_global_attention(model))
 
 
 def load_model_and_tokenizer(model_cfg: ModelConfig):
@@ -324,11 +456,12 @@ def _first_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the tiny LED model and tokenizer (no download).")
+    parser = argparse.ArgumentParser(description="Build a tiny model and its tokenizer (no download).")
     parser.add_argument("--out", required=True, help="folder to write (save_pretrained layout)")
+    parser.add_argument("--family", default="led", choices=sorted(TINY_FAMILIES.values()))
     args = parser.parse_args(argv)
-    path = build_tiny_model(TinyModelConfig(), args.out)
-    print(f"tiny LED written to {path}")
+    path = build_tiny_model(TinyModelConfig(), args.out, args.family)
+    print(f"tiny {args.family} written to {path}")
 
 
 if __name__ == "__main__":

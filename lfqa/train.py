@@ -123,15 +123,22 @@ def configure_deepspeed(accelerator, job: JobConfig) -> dict | None:
 
 
 def length_limits(job: JobConfig, model_config, log=print) -> tuple[int, int]:
-    """(input, answer) token limits: the job's, cut to the model's position tables."""
-    max_input = min(job.data.max_input_tokens, model_config.max_encoder_position_embeddings)
-    max_answer = min(job.data.max_answer_tokens, model_config.max_decoder_position_embeddings)
+    """(input, answer) token limits: the job's, cut to the model's position tables (T5 and LongT5 have none).
+
+    Also says once what of the job does not apply to this model family."""
+    from lfqa.modeling import fit_limits, position_limits
+
+    max_input, max_answer = fit_limits(model_config, job.data.max_input_tokens, job.data.max_answer_tokens)
+    encoder, decoder = position_limits(model_config)
     if max_input < job.data.max_input_tokens:
         log(f"data.max_input_tokens {job.data.max_input_tokens} is more than the model's "
-            f"{model_config.max_encoder_position_embeddings} positions: using {max_input}")
+            f"{encoder} positions: using {max_input}")
     if max_answer < job.data.max_answer_tokens:
         log(f"data.max_answer_tokens {job.data.max_answer_tokens} is more than the model's "
-            f"{model_config.max_decoder_position_embeddings} decoder positions: using {max_answer}")
+            f"{decoder} decoder positions: using {max_answer}")
+    if model_config.model_type != "led":
+        log(f"note: model.encoder_attention ({job.model.encoder_attention}) and data.global_attention are LED's: "
+            f"this {model_config.model_type} model keeps transformers' attention, without global tokens")
     return max_input, max_answer
 
 
@@ -154,11 +161,11 @@ def build_data(job: JobConfig, tokenizer, model_config, log=print, main_first=co
         reports[split] = report.to_dict()
         if split == "validation":
             val_examples = examples
-    # Questions and references of the rows that survived filtering, for printing and ROUGE.
-    kept = out["validation"]["row_id"]
-    questions = [val_examples[i].question for i in kept]
-    references = [val_examples[i].answer for i in kept]
-    return PreparedData(out["train"], EvalData(out["validation"], questions, references), reports)
+    # Questions, references and facts of the rows that survived filtering, for printing and scoring.
+    kept = [val_examples[i] for i in out["validation"]["row_id"]]
+    eval_data = EvalData(out["validation"], [e.question for e in kept], [e.answer for e in kept],
+                         [e.facts for e in kept])
+    return PreparedData(out["train"], eval_data, reports)
 
 
 def keep_freed_memory() -> bool:
@@ -229,16 +236,15 @@ def plan_steps(sampler, num_processes: int, accum: int, epochs: int, max_steps: 
 
 
 def build_collator(job: JobConfig, tokenizer, model):
-    """The model batch (padded to the attention window, global attention on the question) plus the host-side
+    """The model batch (padded as the family wants, LED's global attention on the question) plus the host-side
     counts the loop logs (:class:`lfqa.trainer.BatchStats`)."""
-    from lfqa.data import Seq2SeqCollator
     from lfqa.flops import FlopsCounter
-    from lfqa.modeling import attention_window
+    from lfqa.modeling import model_collator
     from lfqa.trainer import StatsCollator
 
-    window = attention_window(model)
-    flops = FlopsCounter.for_model(model, job.model.gradient_checkpointing, window)
-    return StatsCollator(Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=window), flops)
+    collator = model_collator(model, tokenizer)
+    flops = FlopsCounter.for_model(model, job.model.gradient_checkpointing, collator.pad_to_multiple_of)
+    return StatsCollator(collator, flops)
 
 
 def build_sampler(job: JobConfig, dataset, window: int):
