@@ -115,9 +115,6 @@ class FieldsConfig:
     """Key of a passage's title when the context is a list of objects (missing titles are fine)."""
     passage_text: str = "text"
     """Key of a passage's text when the context is a list of objects."""
-    facts: str = "facts"
-    """Optional list of short strings a correct answer must contain (names, numbers, key phrases): evaluation
-    reports the share found in each generated answer as ``fact_recall``. Rows without it are not scored."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -248,9 +245,7 @@ class EvalConfig:
     """Periodic evaluation: validation loss plus ROUGE on generated answers."""
 
     every_steps: int = 0
-    """Evaluate every N optimizer steps: loss and generated answers (0: only at the end)."""
-    loss_every_steps: int = 0
-    """Also the validation loss alone every N steps (no generation, so it is cheap; 0: off)."""
+    """Evaluate every N optimizer steps (0: only at the end)."""
     at_start: bool = False
     """Also evaluate before the first step, to show what the untrained model does."""
     batch_size: int = 4
@@ -266,7 +261,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
-        _check(self.loss_every_steps >= 0, "eval.loss_every_steps", "must be >= 0")
         _check(all(m.strip() for m in self.metrics), "eval.metrics", "names must not be empty")
         _check(len(set(self.metrics)) == len(self.metrics), "eval.metrics", "names a metric twice")
         _check(self.batch_size > 0, "eval.batch_size", "must be > 0")

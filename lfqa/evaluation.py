@@ -11,10 +11,7 @@ from accelerate.utils import gather_object
 
 from lfqa.config import EvalConfig, GenerationConfig
 from lfqa.data import Seq2SeqCollator
-from lfqa.evaluator import EvalData
 from lfqa.metrics import compute_metrics
-
-BOOTSTRAP_SAMPLES = 1000
 
 
 @dataclass
@@ -27,12 +24,9 @@ class EvalResult:
     num_generated: int = 0
     other: dict[str, float] = field(default_factory=dict)
     """The numbers of every metric of ``eval.metrics`` but ROUGE, as ``metric/key``."""
-    facts: dict[str, float] = field(default_factory=dict)
-    """fact_recall, its interval and fact_rows, when the generated rows have facts."""
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        numbers = {**self.rouge, **self.other, **self.facts}
-        return {f"{prefix}loss": self.loss, **{f"{prefix}{k}": v for k, v in numbers.items()}}
+        return {f"{prefix}loss": self.loss, **{f"{prefix}{k}": v for k, v in {**self.rouge, **self.other}.items()}}
 
 
 def generation_kwargs(gen: GenerationConfig) -> dict:
@@ -59,15 +53,14 @@ def _rank_batches(shares: list[list[int]], rank: int, size: int, lockstep: bool)
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, data: EvalData, cfg: EvalConfig, accelerator, collator: Seq2SeqCollator,
-             generate: bool = True) -> EvalResult:
+def evaluate(model, tokenizer, dataset, questions: list[str], references: list[str], cfg: EvalConfig,
+             accelerator, collator: Seq2SeqCollator) -> EvalResult:
     """Loss on every validation row, generated answers for the first ``max_generate_samples``.
 
     Rows are dealt out round-robin to the ranks (sorted by length first, so batches pad little); the
     sums and the generated texts are gathered, so every rank returns the same result. Under ZeRO-3 the
     ranks run in lockstep and generate with ``synced_gpus`` (answers of different lengths would hang).
     """
-    dataset, questions, references = data.dataset, data.questions, data.references
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -93,9 +86,6 @@ def evaluate(model, tokenizer, data: EvalData, cfg: EvalConfig, accelerator, col
     token_count = accelerator.reduce(token_count, reduction="sum")
     loss = float(loss_sum / token_count) if token_count > 0 else math.nan
 
-    if not generate:
-        model.train()
-        return EvalResult(loss=loss, rouge={}, num_loss_examples=len(dataset))
     limit = len(dataset) if cfg.max_generate_samples is None else min(cfg.max_generate_samples, len(dataset))
     gen_shares = [[i for i in share if i < limit] for share in shares]
     predictions: list[tuple[int, str]] = []
@@ -119,8 +109,6 @@ def evaluate(model, tokenizer, data: EvalData, cfg: EvalConfig, accelerator, col
     refs = [references[i] for i, _ in predictions]
     samples = [{"question": questions[i], "generated": p, "reference": references[i]} for i, p in predictions]
     model.train()
-    facts = [data.facts[i] for i, _ in predictions] if data.facts is not None else None
-    # Intervals for every mean: resampling the per-row scores costs milliseconds.
-    scores = compute_metrics(cfg.metrics, preds, refs, facts=facts, bootstrap=BOOTSTRAP_SAMPLES)
+    scores = compute_metrics(cfg.metrics, preds, refs)
     return EvalResult(loss=loss, rouge=scores.rouge, samples=samples, num_loss_examples=len(dataset),
-                      num_generated=len(preds), other=scores.other, facts=scores.facts)
+                      num_generated=len(preds), other=scores.other)

@@ -49,18 +49,13 @@ class ModelLoadError(LfqaError, RuntimeError):
 
 
 def _bundled_texts() -> list[str]:
-    """What the tiny tokenizer is trained on: the bundled training rows, made by the generator.
-
-    Never the validation rows: their invented names would become tokens of their own whose embeddings
-    training never updates, so a model could not write them even when it finds them in the context.
-    """
-    from lfqa.bundled_data import tokenizer_rows
-
     texts = []
-    for row in tokenizer_rows():
-        texts.append(row["question"])
-        texts.append(row["answer"])
-        texts.extend(row["context"])
+    for path in (BUNDLED_TRAIN, BUNDLED_VALIDATION):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            texts.append(row["question"])
+            texts.append(row["answer"])
+            texts.extend(row["context"])
     return texts
 
 
@@ -190,10 +185,9 @@ def _save_on_any_rank(model, out_dir: Path) -> None:
 
 def tiny_model_dir(model_cfg: ModelConfig) -> Path:
     """The cache folder for a tiny model: keyed by its shape and the bundled data it was trained on."""
-    from lfqa import bundled_data
-
     key = hashlib.sha256(json.dumps(dataclasses.asdict(model_cfg.tiny), sort_keys=True).encode())
-    key.update(Path(bundled_data.__file__).read_bytes())  # the generator makes the tokenizer's text
+    for path in (BUNDLED_TRAIN, BUNDLED_VALIDATION):
+        key.update(path.read_bytes())
     return Path(model_cfg.cache_dir) / f"{TINY_MODEL_NAME}-{key.hexdigest()[:12]}"
 
 

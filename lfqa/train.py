@@ -161,11 +161,11 @@ def build_data(job: JobConfig, tokenizer, model_config, log=print, main_first=co
         reports[split] = report.to_dict()
         if split == "validation":
             val_examples = examples
-    # Questions, references and facts of the rows that survived filtering, for printing and scoring.
-    kept = [val_examples[i] for i in out["validation"]["row_id"]]
-    eval_data = EvalData(out["validation"], [e.question for e in kept], [e.answer for e in kept],
-                         [e.facts for e in kept])
-    return PreparedData(out["train"], eval_data, reports)
+    # Questions and references of the rows that survived filtering, for printing and ROUGE.
+    kept = out["validation"]["row_id"]
+    questions = [val_examples[i].question for i in kept]
+    references = [val_examples[i].answer for i in kept]
+    return PreparedData(out["train"], EvalData(out["validation"], questions, references), reports)
 
 
 def keep_freed_memory() -> bool:
