@@ -3,10 +3,13 @@
 One model for every figure lfqa reports: ``train/mfu`` in training, the benchmark's model TFLOP/s and MFU.
 
 Model FLOPs count the multiply-adds (2 FLOPs each) that the model's mathematics needs for the real tokens:
-each input token passes the encoder's weights, its attention band and the global tokens, and is projected once
-per decoder layer for cross-attention; each answer token passes the decoder's weights, causal self-attention,
+each input token passes the encoder's weights, its attention (every input token for BART and T5, LED's band
+and global tokens, LongT5's local band and its transient global tokens), and is projected once per decoder
+layer for cross-attention; each answer token passes the decoder's weights, causal self-attention,
 cross-attention over the input and the LM head. Embedding and position lookups cost nothing; layer norms,
-softmax and activations are left out, as usual. Training is 3 x forward (backward is twice forward).
+softmax and activations are left out, as usual, and so are T5's relative position biases (a lookup
+per head) and LongT5's sums of each block into its global token (additions, which transformers happens to
+compute as a one-hot product). Training is 3 x forward (backward is twice forward).
 Hardware FLOPs are what the device computes: the padded batch, plus the forward recomputed by gradient
 checkpointing.
 
@@ -102,7 +105,7 @@ def peak_flops(device, precision: str) -> PeakFlops:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the FLOPs of an encoder-decoder depend on."""
+    """What the FLOPs of an encoder-decoder depend on (LED, BART, T5 / Flan-T5, LongT5)."""
 
     d_model: int
     encoder_layers: int
@@ -111,20 +114,53 @@ class ModelShape:
     decoder_ffn_dim: int
     vocab_size: int
     one_sided_window: int | None
-    """LED's band: each token attends to this many tokens on either side; None for full attention."""
+    """Local attention: each input token attends to this many tokens on either side (LED's band, LongT5's
+    ``local_radius``); None for full attention (BART, T5)."""
     global_projections: bool
-    """LED: separate query/key/value projections for global attention."""
+    """LED: separate query/key/value projections for its global attention (the question's tokens)."""
+    attention_dim: int | None = None
+    """Width of the query/key/value projections: T5's ``num_heads x d_kv``, which may differ from ``d_model``
+    (t5-11b: 128 x 128 against 1,024); None when it is ``d_model`` (LED, BART)."""
+    gated_ffn: bool = False
+    """T5 v1.1, Flan-T5, LongT5 (``feed_forward_proj: gated-*``): two input matrices in each feed-forward."""
+    global_block_size: int | None = None
+    """LongT5 transient-global: one global token per this many input tokens, seen by every token."""
+
+    @property
+    def attention_width(self) -> int:
+        return self.attention_dim or self.d_model
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
-        window = getattr(config, "attention_window", None)
+        """The shape of a transformers config of one of the families lfqa trains (ValueError for others)."""
+        kind = getattr(config, "model_type", None)
+        if kind in ("t5", "mt5", "umt5", "longt5"):
+            return _t5_shape(config)
+        if not hasattr(config, "encoder_ffn_dim"):  # BART-style attribute names, LED's included
+            raise ValueError(f"no FLOPs model for '{kind}' models: lfqa counts LED, BART, T5 and LongT5")
+        window = getattr(config, "attention_window", None) if kind == "led" else None
         if isinstance(window, (list, tuple)):
             window = max(window)
         return cls(d_model=config.d_model, encoder_layers=config.encoder_layers,
                    decoder_layers=config.decoder_layers, encoder_ffn_dim=config.encoder_ffn_dim,
                    decoder_ffn_dim=config.decoder_ffn_dim, vocab_size=config.vocab_size,
                    one_sided_window=None if window is None else window // 2,
-                   global_projections=config.model_type == "led")
+                   global_projections=kind == "led")
+
+
+def _t5_shape(config) -> ModelShape:
+    """T5 and LongT5: one feed-forward width for both sides; LongT5's encoder attends locally."""
+    local = config.model_type == "longt5"
+    transient = local and config.encoder_attention_type == "transient-global"
+    decoder_layers = config.num_decoder_layers if config.num_decoder_layers is not None else config.num_layers
+    return ModelShape(
+        d_model=config.d_model, encoder_layers=config.num_layers, decoder_layers=decoder_layers,
+        encoder_ffn_dim=config.d_ff, decoder_ffn_dim=config.d_ff, vocab_size=config.vocab_size,
+        # LongT5's locality mask keeps |i - j| < local_radius + 1 inside its three blocks
+        one_sided_window=config.local_radius if local else None, global_projections=False,
+        attention_dim=config.num_heads * config.d_kv, gated_ffn=bool(config.is_gated_act),
+        global_block_size=config.global_block_size if transient else None,
+    )
 
 
 def band_pairs(length, window: int | None):
@@ -136,26 +172,40 @@ def band_pairs(length, window: int | None):
     return length + 2 * (m * length - m * (m + 1) / 2)
 
 
+def _ffn_weights(shape: ModelShape, ffn_dim: int) -> int:
+    return (3 if shape.gated_ffn else 2) * shape.d_model * ffn_dim
+
+
+def encoder_flops(shape: ModelShape, n, g):
+    """Forward FLOPs of the encoder on inputs of ``n`` real tokens, ``g`` of them LED-global."""
+    d, h = shape.d_model, shape.attention_width
+    # q, k, v, o (+ LED's global k and v on every token) and the feed-forward
+    weights = 4 * d * h + _ffn_weights(shape, shape.encoder_ffn_dim) + (2 * d * h if shape.global_projections else 0)
+    enc = 2 * weights * n
+    # Attention products (Q K^T and A V) over the full sequence or the local band
+    enc += 4 * h * band_pairs(n, shape.one_sided_window)
+    if shape.global_projections:  # LED: global q on the global tokens; they see every key, every token sees them
+        enc += 2 * d * h * g + 4 * h * 2 * g * n
+    if shape.global_block_size:
+        # LongT5: each block of global_block_size tokens is summed into a global token (orphans join the
+        # last block; the sum is additions only), projected to keys and values, and seen by every token.
+        blocks = np.floor(n / shape.global_block_size)
+        enc += 2 * 2 * d * h * blocks + 4 * h * n * blocks
+    return enc * shape.encoder_layers
+
+
 def forward_flops(shape: ModelShape, input_length, answer_length, global_tokens=0):
     """Forward FLOPs of one row (or arrays of rows) with these real lengths."""
-    d = shape.d_model
+    d, h = shape.d_model, shape.attention_width
     n, a = np.asarray(input_length, np.float64), np.asarray(answer_length, np.float64)
     g = np.asarray(global_tokens, np.float64)
-    # Encoder layer: q, k, v, o (+ LED's global k and v on every token, global q on the global tokens) and FFN.
-    weights = 4 * d * d + 2 * d * shape.encoder_ffn_dim + (2 * d * d if shape.global_projections else 0)
-    enc = 2 * weights * n + (2 * d * d * g if shape.global_projections else 0)
-    # Attention products (Q K^T and A V): the band, plus each token against the global keys and the
-    # global tokens against every key.
-    enc += 4 * d * band_pairs(n, shape.one_sided_window)
-    if shape.one_sided_window is not None:
-        enc += 4 * d * 2 * g * n
-    enc *= shape.encoder_layers
+    enc = encoder_flops(shape, n, g)
     # Decoder layer: self q, k, v, o, cross q and o, FFN per answer token; cross k and v per input token.
-    dec_weights = 6 * d * d + 2 * d * shape.decoder_ffn_dim
-    dec = 2 * dec_weights * a + 2 * 2 * d * d * n
-    dec += 4 * d * a * (a + 1) / 2 + 4 * d * a * n  # causal self-attention, cross-attention
+    dec_weights = 6 * d * h + _ffn_weights(shape, shape.decoder_ffn_dim)
+    dec = 2 * dec_weights * a + 2 * 2 * d * h * n
+    dec += 4 * h * a * (a + 1) / 2 + 4 * h * a * n  # causal self-attention, cross-attention
     dec *= shape.decoder_layers
-    head = 2 * d * shape.vocab_size * a
+    head = 2 * d * shape.vocab_size * a  # tied (LED, BART, T5) or not (T5 v1.1): the same product
     return enc + dec + head
 
 
@@ -176,10 +226,11 @@ class FlopsCounter:
     def __init__(self, shape: ModelShape, gradient_checkpointing: bool = False, pad_to_multiple_of: int = 1):
         self.shape = shape
         self.recompute = gradient_checkpointing
-        self.multiple = max(1, pad_to_multiple_of)
+        self.multiple = max(1, pad_to_multiple_of or 1)  # None: the family pads to no multiple
 
     @classmethod
-    def for_model(cls, model, gradient_checkpointing: bool = False, pad_to_multiple_of: int = 1) -> FlopsCounter:
+    def for_model(cls, model, gradient_checkpointing: bool = False,
+                  pad_to_multiple_of: int | None = 1) -> FlopsCounter:
         return cls(ModelShape.from_config(model.config), gradient_checkpointing, pad_to_multiple_of)
 
     def batch(self, input_lengths, answer_lengths, global_tokens, padded_input: int, padded_answer: int) -> BatchFlops:
