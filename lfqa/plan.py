@@ -4,6 +4,9 @@
     lfqa plan jobs/led-base-lfqa.yaml --gpus 1 --gpu-memory 24 --input-tokens 4096
     lfqa plan jobs/led-base-lfqa.yaml data.batch_size=2 --gpus 16 --nodes 2 --gpu-memory 40 --json
 
+It covers LED models; for BART, T5 and LongT5 (which lfqa trains too) it says so in one line, since their
+activations differ (full or block-local attention, T5's fp32 position biases) and are not inventoried here.
+
 Nothing is downloaded and no GPU is needed: the model's shape comes from its config (the tiny model's
 ``model.tiny``, a local folder's ``config.json``, the hub cache, or the built-in table of
 ``allenai/led-base-16384`` / ``allenai/led-large-16384``) and its parameters are counted exactly by
@@ -202,6 +205,8 @@ def led_config_for_job(job: JobConfig, model_config: str | None = None):
             )
     elif (Path(name) / "config.json").is_file():
         config = AutoConfig.from_pretrained(name)
+    elif family_by_name(name):  # before the hub cache, which usually does not hold them
+        raise PlanError(not_led_message(f"model.name_or_path '{name}'", family_by_name(name)))
     elif name in KNOWN_MODELS:
         config = LEDConfig(**KNOWN_MODELS[name])
     else:
@@ -211,9 +216,34 @@ def led_config_for_job(job: JobConfig, model_config: str | None = None):
             raise PlanError(f"model.name_or_path '{name}': no local config.json and not in the hub cache; "
                             "pass --model-config PATH (a config.json or a model folder)") from None
     if getattr(config, "model_type", None) != "led":
-        raise PlanError(f"'{name}' is a {getattr(config, 'model_type', 'unknown')} model: lfqa plan knows "
-                        "the memory layout of LED models only")
+        where = f"--model-config {model_config}" if model_config else f"model.name_or_path '{name}'"
+        raise PlanError(not_led_message(where, getattr(config, "model_type", None) or "unknown"))
     return config
+
+
+TINY_NON_LED = {"tiny-bart": "bart", "tiny-t5": "t5", "tiny-longt5": "longt5"}
+HUB_PREFIXES = (("facebook/bart-", "bart"), ("google/long-t5-", "longt5"), ("google/flan-t5-", "t5"),
+                ("google/t5-", "t5"), ("google-t5/", "t5"), ("t5-", "t5"))
+"""Hub ids of the other families lfqa trains, known without a config (there is seldom one offline)."""
+
+FAMILY_NAMES = {"bart": "BART", "t5": "T5", "mt5": "mT5", "longt5": "LongT5"}
+
+
+def family_by_name(name: str) -> str | None:
+    """The family of a tiny builder or a well-known hub id of a non-LED family lfqa trains, else None."""
+    if name in TINY_NON_LED:
+        return TINY_NON_LED[name]
+    return next((family for prefix, family in HUB_PREFIXES if name.startswith(prefix)), None)
+
+
+def not_led_message(where: str, model_type: str) -> str:
+    """The one line for a model whose memory lfqa plan does not know: which families it covers, and what
+    there is for the others."""
+    family = FAMILY_NAMES.get(model_type)
+    if family is None:
+        return f"{where}: lfqa plan covers LED models; '{model_type}' is no family lfqa trains"
+    return (f"{where}: lfqa plan covers LED models; {family} models train but have no "
+            "memory estimate (measure one: benchmarks/run.py reports each preset's peak memory)")
 
 
 # --- the workload ---------------------------------------------------------------------------------------

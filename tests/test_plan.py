@@ -252,7 +252,10 @@ def test_bad_job_key_exits_2_with_one_line(capsys):
 def test_non_led_model_and_uneven_nodes_exit_2(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bart", "d_model": 64}))
     assert plan.main([str(LED_BASE_JOB), "--gpus", "1", "--gpu-memory", "24", "--model-config", str(tmp_path)]) == 2
-    assert "LED models only" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"lfqa: error: --model-config {tmp_path}: lfqa plan covers LED models; BART "
+                   "models train but have no memory estimate (measure one: benchmarks/run.py reports each "
+                   "preset's peak memory)"]
     assert plan.main([str(LED_BASE_JOB), "--gpus", "3", "--gpu-memory", "24", "--nodes", "2"]) == 2
     assert "multiple of --nodes" in capsys.readouterr().err
 
@@ -299,3 +302,24 @@ def test_sdpa_encoder_layer_inventory_equals_the_tensors_pytorch_saves(autocast,
     assert layer < plan.layer_memory(plan.encoder_layer_stages(eager, w, t)).saved
     if not autocast:  # the whole model, as for the eager attention above
         assert plan.saved_after_forward(shape, w, t, checkpointing=False) == pytest.approx(two, rel=0.02)
+
+
+@pytest.mark.parametrize("name, family", [("tiny-bart", "BART"), ("tiny-t5", "T5"), ("tiny-longt5", "LongT5"),
+                                          ("facebook/bart-large", "BART"), ("google/flan-t5-base", "T5"),
+                                          ("google/long-t5-tglobal-base", "LongT5"), ("t5-small", "T5")])
+def test_other_families_are_one_line_naming_what_plan_covers(name, family, capsys):
+    """Refused by name, before the hub cache is asked (offline it usually has none of them)."""
+    args = [str(LED_BASE_JOB), f"model.name_or_path={name}", "--gpus", "1", "--gpu-memory", "24"]
+    assert plan.main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lfqa: error: model.name_or_path '{name}': lfqa plan covers LED "
+                                               f"models; {family} models train but have no memory estimate"), err
+
+
+def test_a_model_of_no_family_lfqa_trains_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    args = [str(LED_BASE_JOB), "--gpus", "1", "--gpu-memory", "24", "--model-config", str(tmp_path)]
+    assert plan.main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"lfqa: error: --model-config {tmp_path}: lfqa plan covers LED models; 'bert' is no "
+        "family lfqa trains"]
