@@ -207,8 +207,14 @@ def measured_forward(model, n: int, a: int) -> int:
 
 
 def small_family_models():
-    from transformers import (BartConfig, BartForConditionalGeneration, LongT5Config, LongT5ForConditionalGeneration,
-                              T5Config, T5ForConditionalGeneration)
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        LongT5Config,
+        LongT5ForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     t5 = dict(vocab_size=128, d_model=32, d_kv=16, num_heads=4, d_ff=48, num_layers=2, num_decoder_layers=3,
               feed_forward_proj="gated-gelu", decoder_start_token_id=0)
