@@ -10,7 +10,8 @@ JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
 
 def test_the_shipped_jobs_exist():
     names = {p.name for p in JOBS}
-    assert {"tiny-cpu.yaml", "led-base-lfqa.yaml"} <= names
+    assert {"tiny-cpu.yaml", "led-base-lfqa.yaml", "bart-large-eli5-style.yaml",
+            "long-t5-tglobal-base-lfqa.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
@@ -32,6 +33,24 @@ def test_the_real_job_uses_the_seed_settings():
     gen = job.eval.generation
     assert (gen.num_beams, gen.max_new_tokens, gen.min_new_tokens, gen.length_penalty, gen.no_repeat_ngram_size) == (
         4, 512, 100, 2.0, 3)
+
+
+def test_the_other_families_jobs_use_their_familys_settings():
+    """Same data as the LED job, each family's own limits, rate and precision."""
+    led = load_job(ROOT / "jobs/led-base-lfqa.yaml")
+    bart = load_job(ROOT / "jobs/bart-large-eli5-style.yaml")
+    assert bart.model.name_or_path == "facebook/bart-large" and bart.data.max_input_tokens == 1024
+    assert 3e-5 <= bart.train.learning_rate <= 5e-5 and bart.train.precision in ("bf16", "fp16")
+    gen = bart.eval.generation
+    assert (gen.num_beams, gen.no_repeat_ngram_size) == (4, 3) and gen.min_new_tokens >= 64
+    long_t5 = load_job(ROOT / "jobs/long-t5-tglobal-base-lfqa.yaml")
+    assert long_t5.model.name_or_path == "google/long-t5-tglobal-base" and long_t5.data.max_input_tokens == 16384
+    assert long_t5.train.precision == "bf16" and 3e-4 <= long_t5.train.learning_rate <= 5e-4
+    assert long_t5.eval.generation == led.eval.generation
+    for job in (bart, long_t5):
+        assert (job.data.dataset, job.data.fields, job.data.max_answer_tokens) == (
+            led.data.dataset, led.data.fields, led.data.max_answer_tokens)
+        assert job.checkpoint == led.checkpoint and job.output.dir != led.output.dir
 
 
 def write(tmp_path, text: str) -> Path:

@@ -323,3 +323,11 @@ def test_a_model_of_no_family_lfqa_trains_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"lfqa: error: --model-config {tmp_path}: lfqa plan covers LED models; 'bert' is no "
         "family lfqa trains"]
+
+
+@pytest.mark.parametrize("job, family", [("bart-large-eli5-style.yaml", "BART"),
+                                         ("long-t5-tglobal-base-lfqa.yaml", "LongT5")])
+def test_the_other_families_shipped_jobs_are_one_line(job, family, capsys):
+    assert plan.main([str(ROOT / "jobs" / job), "--gpus", "8", "--gpu-memory", "80"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"lfqa plan covers LED models; {family} models train" in err[0], err
