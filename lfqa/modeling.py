@@ -80,11 +80,6 @@ def build_tiny_model(tiny: TinyModelConfig, out_dir: str | Path, family: str = "
     with torch.random.fork_rng():
         torch.manual_seed(tiny.seed)
         model = model_class(config)
-    if family in ("t5", "longt5"):
-        # transformers draws an untied T5 output layer with std 1 (its pretrained models never start from it):
-        # a random model would start at a loss of ~24 instead of ln(vocabulary). Scaled as a tied T5's is.
-        with torch.no_grad():
-            model.lm_head.weight.mul_(config.d_model**-0.5)
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_on_any_rank(model, out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -142,10 +137,12 @@ def _tiny_config(family: str, tiny: TinyModelConfig, tokenizer):
 
     tokens = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if family in ("t5", "longt5"):
-        # Flan-T5 / long-t5-tglobal: gated-GELU feed-forward, untied output layer; the decoder starts from <pad>.
+        # Flan-T5's and long-t5-tglobal's gated-GELU feed-forward; the decoder starts from <pad>. The decoder
+        # output is scaled by d_model**-0.5 as in the first T5 (tie_word_embeddings true): without it a random
+        # model's logits are so large that it starts at a loss of ~24 instead of ln(vocabulary).
         shape = dict(vocab_size=len(tokenizer), d_model=tiny.d_model, d_kv=tiny.d_model // tiny.attention_heads,
                      d_ff=tiny.ffn_dim, num_layers=tiny.encoder_layers, num_decoder_layers=tiny.decoder_layers,
-                     num_heads=tiny.attention_heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                     num_heads=tiny.attention_heads, feed_forward_proj="gated-gelu", tie_word_embeddings=True,
                      decoder_start_token_id=tokenizer.pad_token_id, **tokens)
         if family == "t5":
             return T5Config(**shape)
