@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, for a machine with one CUDA GPU (about 8-10 minutes on an H100):
+# The GPU checks in one go, for a machine with one CUDA GPU (about 8-10 minutes on an H100 for LED's, plus
+# the two other families' benchmarks, not timed yet):
 #   1. lfqa's SDPA encoder attention against transformers' on the GPU (fp32 and bf16 autocast)
-#   2. make bench in bf16 with LED-base's shape, with MFU (a, b, c, d)
+#   2. make bench in bf16 with LED-base's shape, with MFU (a, b, c, d); BART-base's and LongT5-base's (b, c)
 #   3. the longest input that trains at batch 1, with and without gradient checkpointing, per attention
 #   4. where a step's time goes (torch.profiler)
 # Results go to $OUT (default benchmarks/results/gpu-<date>/). Usage:
@@ -53,6 +54,11 @@ EOF
 echo "== 2. make bench, bf16, led-base shape, with MFU"
 "$PY" benchmarks/run.py --device cuda --precision bf16 --preset led-base --samples 600 --seed-samples 16 \
     --variants abcd --out "$OUT/bench-led-base-bf16.md"
+# the other families on the same rows: BART-base (inputs cut to 1,024) and LongT5-base (transient-global)
+for preset in bart-base long-t5-base; do
+    "$PY" benchmarks/run.py --device cuda --precision bf16 --preset "$preset" --samples 600 --variants bc \
+        --out "$OUT/bench-$preset-bf16.md"
+done
 
 echo "== 3. longest input at batch 1"
 "$PY" benchmarks/longest_input.py --device cuda --precision bf16 --preset led-base --max-positions 65536 \

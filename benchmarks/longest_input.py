@@ -34,7 +34,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from run import PRESETS, machine_line  # noqa: E402  (benchmarks/run.py: the same presets as make bench)
+from run import LED_PRESETS, PRESETS, machine_line  # noqa: E402  (benchmarks/run.py: the same presets as make bench)
 
 from lfqa.config import ENCODER_ATTENTIONS as ATTENTIONS  # noqa: E402
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:4]))
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="led-base")
+    parser.add_argument("--preset", choices=LED_PRESETS, default="led-base")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--memory-gib", type=float, default=None,

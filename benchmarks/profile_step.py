@@ -21,7 +21,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from run import PRESETS  # noqa: E402
+from run import LED_PRESETS, PRESETS  # noqa: E402
 
 from lfqa.config import ENCODER_ATTENTIONS  # noqa: E402
 
@@ -38,7 +38,7 @@ GROUPS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--preset", choices=LED_PRESETS, default="small")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--encoder-attention", choices=ENCODER_ATTENTIONS, default="sdpa")

@@ -1,8 +1,8 @@
 """Training throughput: the seed's recipe vs a tuned HF Trainer vs lfqa's own loop, in one run.
 
-Trains the same randomly initialised LED on the same synthetic rows, whose input and answer lengths follow
-the LFQA data (inputs mostly 650-1,000 tokens with a long tail, answers about 220 tokens on average), three ways,
-each in its own process (so peak memory is per variant):
+Trains the same randomly initialised LED (or BART, T5, LongT5: the family presets) on the same synthetic rows,
+whose input and answer lengths follow the LFQA data (inputs mostly 650-1,000 tokens with a long tail, answers
+about 220 tokens on average), three ways, each in its own process (so peak memory is per variant):
 
   a  seed   Seq2SeqTrainer as the seed blog post ran it: inputs padded to 8,192 tokens, labels to 512,
             batch 2, gradient checkpointing, global attention on token 0.
@@ -20,6 +20,7 @@ peak memory, ratios c/a and c/b) and writes it to --out.
     python benchmarks/run.py --samples 64 --seed-samples 4
     python benchmarks/run.py --preset tiny --samples 8 --seed-samples 2 --out /tmp/bench.md   # seconds
     python benchmarks/run.py --device cuda --precision bf16 --preset led-base --samples 2000  # GPU, with MFU
+    python benchmarks/run.py --device cuda --precision bf16 --preset long-t5-base --samples 2000  # vs LongT5
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ ABLATION = {"model": {"encoder_attention": "eager"},
 SEED_MAX_INPUT, SEED_MAX_ANSWER = 8192, 512
 MAX_ANSWER_TOKENS = 512
 LED_VOCAB = 50265  # allenai/led-base-16384's vocabulary: the LM head and embeddings cost what they cost there
+T5_VOCAB = 32128  # T5's, Flan-T5's and LongT5's
 
 
 @dataclass
@@ -64,11 +66,20 @@ class Preset:
     heads: int
     ffn_dim: int
     window: int
+    """LED's attention window (0 for the other families)."""
     vocab_size: int | None  # None: the benchmark tokenizer's own (small) vocabulary
     max_tokens_per_batch: int
     """lfqa's token budget for this size (c)."""
     max_batch_size: int
     """lfqa's data.batch_size: the most rows in one token-budget batch."""
+    family: str = "led"
+    """led, bart, t5 (Flan-T5's gated-GELU layout) or longt5 (transient-global): the config build_model makes."""
+    max_positions: int = 1024
+    """BART's one position table: inputs are cut to it, as lfqa cuts them for facebook/bart-*."""
+    local_radius: int = 127
+    """LongT5: tokens on either side in the local band (google/long-t5-tglobal-base's)."""
+    global_block_size: int = 16
+    """LongT5: one transient global token per this many inputs."""
 
 
 PRESETS = {
@@ -81,7 +92,29 @@ PRESETS = {
     # allenai/led-base-16384's shape (~162M parameters), for a GPU.
     "led-base": Preset(d_model=768, layers=6, heads=12, ffn_dim=3072, window=1024, vocab_size=LED_VOCAB,
                        max_tokens_per_batch=16384, max_batch_size=16),
+    # The other families lfqa trains, to compare with LED on the same rows: tiny ones for tests, small ones
+    # beside "small" on CPU, the real base shapes for a GPU.
+    "tiny-bart": Preset(d_model=64, layers=2, heads=2, ffn_dim=128, window=0, vocab_size=None,
+                        max_tokens_per_batch=4096, max_batch_size=8, family="bart"),
+    "tiny-longt5": Preset(d_model=64, layers=2, heads=2, ffn_dim=128, window=0, vocab_size=None,
+                          max_tokens_per_batch=4096, max_batch_size=8, family="longt5", local_radius=8,
+                          global_block_size=16),
+    "small-bart": Preset(d_model=256, layers=6, heads=4, ffn_dim=1024, window=0, vocab_size=LED_VOCAB,
+                         max_tokens_per_batch=4096, max_batch_size=8, family="bart"),
+    "small-t5": Preset(d_model=256, layers=6, heads=4, ffn_dim=1024, window=0, vocab_size=T5_VOCAB,
+                       max_tokens_per_batch=4096, max_batch_size=8, family="t5"),
+    "small-longt5": Preset(d_model=256, layers=6, heads=4, ffn_dim=1024, window=0, vocab_size=T5_VOCAB,
+                           max_tokens_per_batch=4096, max_batch_size=8, family="longt5"),
+    # facebook/bart-base's shape (~140M parameters; inputs cut to its 1,024 positions), for a GPU.
+    "bart-base": Preset(d_model=768, layers=6, heads=12, ffn_dim=3072, window=0, vocab_size=LED_VOCAB,
+                        max_tokens_per_batch=16384, max_batch_size=16, family="bart"),
+    # google/long-t5-tglobal-base's shape (12+12 layers, gated-GELU FFN 2,048; ~223M parameters, as transformers
+    # 5 ties its LM head), for a GPU.
+    "long-t5-base": Preset(d_model=768, layers=12, heads=12, ffn_dim=2048, window=0, vocab_size=T5_VOCAB,
+                           max_tokens_per_batch=16384, max_batch_size=16, family="longt5"),
 }
+LED_PRESETS = sorted(name for name, preset in PRESETS.items() if preset.family == "led")
+"""The presets of the LED-only benchmarks (longest_input.py, profile_step.py: LED's attention kernels)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rows for a, the slow seed recipe (default: 8; about 1 min on 2 idle cores); at most "
                              "--samples")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="model size: tiny (d 64, 2+2 layers, window 16), small (d 256, 6+6, window 256; "
-                             "default), led-base (d 768, 6+6, window 1024, ~162M parameters)")
+                        help="model family and size: tiny (LED, d 64, 2+2 layers, window 16), small (LED, d 256, "
+                             "6+6, window 256; default), led-base (d 768, 6+6, window 1024, ~162M parameters); "
+                             "small-bart, small-t5, small-longt5 (the small shape in each family), bart-base "
+                             "(1,024 positions, ~139M), long-t5-base (12+12 layers, transient-global, ~223M); "
+                             "tiny-bart, tiny-longt5")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu (default) or cuda: one GPU, which the variants share, taking turns")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -203,35 +239,91 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 # --- the model ------------------------------------------------------------------------------------------
 
 
-def build_model(preset: Preset, out_dir: Path, seed: int) -> tuple[Path, int]:
-    """The benchmark tokenizer (lfqa's tiny byte-level BPE, trained locally) and a random LED of ``preset``."""
+@dataclass
+class BuiltModel:
+    model_dir: Path
+    params: int
+    input_limit: int
+    """Most input tokens the model takes (BART's position table), else lfqa's 16,384."""
+    pad_multiple: int
+    """What lfqa's collator pads inputs to (LED's window, else 8)."""
+    window: int
+    """LED's attention window, which it pads to inside and lfqa's sampler buckets by; 1 for other families."""
+    global_attention: bool
+    """Whether the model takes a global_attention_mask (LED)."""
+
+
+def build_model(preset: Preset, out_dir: Path, seed: int) -> BuiltModel:
+    """The benchmark tokenizer (lfqa's tiny byte-level BPE, trained locally, in the family's conventions) and a
+    random model of ``preset``'s family and shape."""
     import torch
-    from transformers import LEDConfig, LEDForConditionalGeneration
+    from transformers import AutoModelForSeq2SeqLM
 
+    from lfqa import modeling
     from lfqa.config import TinyModelConfig
-    from lfqa.modeling import build_tiny_model, load_tokenizer
 
-    tok_dir = build_tiny_model(TinyModelConfig(), out_dir / "tokenizer")
-    tokenizer = load_tokenizer(str(tok_dir))
-    tokenizer.model_max_length = 16384  # LED's; the tiny model's own limit would only warn about long rows
-    config = LEDConfig(
-        vocab_size=max(len(tokenizer), preset.vocab_size or 0),
-        d_model=preset.d_model,
-        encoder_layers=preset.layers, decoder_layers=preset.layers,
-        encoder_attention_heads=preset.heads, decoder_attention_heads=preset.heads,
-        encoder_ffn_dim=preset.ffn_dim, decoder_ffn_dim=preset.ffn_dim,
-        attention_window=preset.window,
-        max_encoder_position_embeddings=16384, max_decoder_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-    )
+    tok_dir = modeling.build_tiny_model(TinyModelConfig(), out_dir / "tokenizer", preset.family)
+    tokenizer = modeling.load_tokenizer(str(tok_dir))
+    config = family_config(preset, tokenizer)
+    input_limit, _ = modeling.fit_limits(config, 16384, MAX_ANSWER_TOKENS)
+    # the model's own limit: the tiny model's would only warn about long rows
+    tokenizer.model_max_length = input_limit
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LEDForConditionalGeneration(config)
+        model = AutoModelForSeq2SeqLM.from_config(config)
     model_dir = out_dir / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    return model_dir, sum(p.numel() for p in model.parameters())
+    return BuiltModel(model_dir, sum(p.numel() for p in model.parameters()), input_limit,
+                      modeling.pad_multiple(model), modeling.attention_window(model),
+                      modeling.takes_global_attention(model))
+
+
+def family_config(preset: Preset, tokenizer):
+    """The transformers config of ``preset``, with the tokenizer's special tokens and each family's decoder
+    start (LED and BART: </s>; T5 and LongT5: <pad>)."""
+    from transformers import BartConfig, LEDConfig, LongT5Config, T5Config
+
+    vocab = max(len(tokenizer), preset.vocab_size or 0)
+    tokens = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if preset.family in ("t5", "longt5"):
+        # Flan-T5's and long-t5-tglobal-base's layout: gated-GELU feed-forward, no decoder output scaling
+        # (tie_word_embeddings false; transformers 5 ties the LM head all the same)
+        shape = dict(vocab_size=vocab, d_model=preset.d_model, d_kv=preset.d_model // preset.heads,
+                     num_heads=preset.heads, d_ff=preset.ffn_dim, num_layers=preset.layers,
+                     num_decoder_layers=preset.layers, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                     decoder_start_token_id=tokenizer.pad_token_id, **tokens)
+        if preset.family == "t5":
+            return T5Config(**shape)
+        return LongT5Config(encoder_attention_type="transient-global", local_radius=preset.local_radius,
+                            global_block_size=preset.global_block_size, **shape)
+    shape = dict(vocab_size=vocab, d_model=preset.d_model, encoder_layers=preset.layers, decoder_layers=preset.layers,
+                 encoder_attention_heads=preset.heads, decoder_attention_heads=preset.heads,
+                 encoder_ffn_dim=preset.ffn_dim, decoder_ffn_dim=preset.ffn_dim, bos_token_id=tokenizer.bos_token_id,
+                 decoder_start_token_id=tokenizer.eos_token_id, **tokens)
+    if preset.family == "bart":
+        return BartConfig(max_position_embeddings=preset.max_positions, **shape)
+    return LEDConfig(attention_window=preset.window, max_encoder_position_embeddings=16384,
+                     max_decoder_position_embeddings=1024, **shape)
+
+
+def describe_model(preset: Preset, config, params: int) -> str:
+    """The table's model line."""
+    if preset.family in ("t5", "longt5"):
+        kind = "T5 (Flan-T5 layout)"
+        if preset.family == "longt5":
+            kind = (f"LongT5 transient-global (local radius {config.local_radius}, a global token per "
+                    f"{config.global_block_size} inputs)")
+        layout = (f"{kind} {config.num_layers}+{config.num_decoder_layers} layers, d_model {config.d_model}, "
+                  f"{config.num_heads} heads of {config.d_kv}, gated-GELU FFN {config.d_ff}")
+    else:
+        name = "LED" if preset.family == "led" else f"BART ({config.max_position_embeddings} positions)"
+        layout = (f"{name} {config.encoder_layers}+{config.decoder_layers} layers, d_model {config.d_model}, "
+                  f"{config.encoder_attention_heads} heads, FFN {config.encoder_ffn_dim}")
+        if preset.family == "led":
+            layout += f", attention window {preset.window}"
+    return (f"{layout}, vocabulary {config.vocab_size}, {params / 1e6:.1f}M parameters, random init, "
+            "same for every variant")
 
 
 def variant_flops(config, lengths: dict, variant: str) -> float:
@@ -319,36 +411,39 @@ class TokenCounter:
         self.rows += n
         self.batches += 1
         self.enc_real += int(batch["attention_mask"].sum())
-        self.enc_processed += n * -(-width // self.window) * self.window  # LED pads to the window inside
+        # LED pads to its window inside; the other families compute the batch as it is (window 1)
+        self.enc_processed += n * -(-width // self.window) * self.window
         self.dec_real += int((batch["labels"] != -100).sum())
         self.dec_processed += int(batch["labels"].numel())
         return batch
 
 
-def seed_collator(pad_id: int):
-    """The seed's batches: inputs padded to 8,192, labels to 512 (-100), global attention on token 0."""
+def seed_collator(pad_id: int, max_input: int, global_attention: bool):
+    """The seed's batches: inputs padded to 8,192 (or the model's limit, BART's 1,024), labels to 512 (-100),
+    global attention on token 0 (LED)."""
     import torch
 
     def collate(rows):
         n = len(rows)
-        input_ids = torch.full((n, SEED_MAX_INPUT), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, SEED_MAX_INPUT), dtype=torch.long)
+        input_ids = torch.full((n, max_input), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, max_input), dtype=torch.long)
         labels = torch.full((n, SEED_MAX_ANSWER), -100, dtype=torch.long)
         for i, row in enumerate(rows):
-            ids = row["input_ids"][:SEED_MAX_INPUT]
+            ids = row["input_ids"][:max_input]
             input_ids[i, :len(ids)] = torch.tensor(ids)
             attention_mask[i, :len(ids)] = 1
             labels[i, :len(row["labels"])] = torch.tensor(row["labels"][:SEED_MAX_ANSWER])
-        global_attention_mask = torch.zeros_like(attention_mask)
-        global_attention_mask[:, 0] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "global_attention_mask": global_attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if global_attention:
+            batch["global_attention_mask"] = torch.zeros_like(attention_mask)
+            batch["global_attention_mask"][:, 0] = 1
+        return batch
 
     return collate
 
 
-def tuned_collator(tokenizer, model, pad_multiple: int | None):
-    """DataCollatorForSeq2Seq (dynamic padding to the longest row) plus global attention on the question.
+def tuned_collator(tokenizer, model, pad_multiple: int | None, global_attention: bool):
+    """DataCollatorForSeq2Seq (dynamic padding to the longest row) plus global attention on the question (LED).
 
     ``pad_multiple`` rounds inputs and, since transformers 5, labels up to a multiple (None: the longest row).
     """
@@ -359,6 +454,8 @@ def tuned_collator(tokenizer, model, pad_multiple: int | None):
     def collate(rows):
         batch = base([{"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]),
                        "labels": r["labels"]} for r in rows])
+        if not global_attention:
+            return batch
         global_attention_mask = batch["attention_mask"].new_zeros(batch["attention_mask"].shape)
         for i, row in enumerate(rows):
             global_attention_mask[i, :max(1, row["num_global"])] = 1
@@ -386,8 +483,9 @@ def run_trainer_variant(spec: dict, variant: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForSeq2SeqLM.from_pretrained(spec["model_dir"])
     model.accepts_loss_kwargs = False  # else the Trainer rescales LED's loss (DESIGN.md section 5)
-    counter = TokenCounter(seed_collator(tokenizer.pad_token_id) if seed_recipe
-                           else tuned_collator(tokenizer, model, spec["trainer_pad_multiple"]),
+    counter = TokenCounter(seed_collator(tokenizer.pad_token_id, spec["seed_max_input"], spec["global_attention"])
+                           if seed_recipe else tuned_collator(tokenizer, model, spec["trainer_pad_multiple"],
+                                                              spec["global_attention"]),
                            spec["window"])
     cuda = spec["device"] == "cuda"
     turns = Turns(cuda)
@@ -437,7 +535,8 @@ def run_lfqa_variant(spec: dict, variant: str = "c") -> dict:  # c, or d: c with
     job = {
         "model": {"name_or_path": spec["model_dir"], "gradient_checkpointing": False},
         "data": {"train_files": [spec["train_file"]], "validation_files": [spec["validation_file"]],
-                 "max_answer_tokens": MAX_ANSWER_TOKENS, "max_input_tokens": 16384, "global_attention": "question",
+                 "max_answer_tokens": MAX_ANSWER_TOKENS, "max_input_tokens": spec["max_input"],
+                 "global_attention": "question",
                  "batch_size": spec["max_batch_size"], "max_tokens_per_batch": spec["max_tokens"],
                  "group_by_length": True, "cache_dir": str(work / "cache")},
         "train": {"seed": spec["seed"], "epochs": 1, "learning_rate": spec["learning_rate"],
@@ -518,16 +617,17 @@ def prepare(args, preset: Preset, work: Path) -> dict:
     from lfqa.data import read_files, tokenize_examples
     from lfqa.modeling import load_tokenizer
 
-    model_dir, params = build_model(preset, work, args.seed)
+    built = build_model(preset, work, args.seed)
+    model_dir, limit = built.model_dir, built.input_limit
     tokenizer = load_tokenizer(str(model_dir))
     train_file, validation_file = work / "train.jsonl", work / "validation.jsonl"
     write_jsonl(train_file, synthetic_rows(args.samples, args.seed, tokenizer))
     write_jsonl(validation_file, synthetic_rows(2, args.seed + 1, tokenizer))
     # The same settings as c's job, so that c then loads these rows from the cache.
     cfg = DataConfig(train_files=[str(train_file)], validation_files=[str(validation_file)],
-                     cache_dir=str(work / "cache"), max_answer_tokens=MAX_ANSWER_TOKENS, max_input_tokens=16384)
+                     cache_dir=str(work / "cache"), max_answer_tokens=MAX_ANSWER_TOKENS, max_input_tokens=limit)
     examples, report, fingerprint = read_files(cfg.train_files, cfg.fields)
-    tokenised = tokenize_examples(examples, tokenizer, cfg, report, fingerprint, max_input_tokens=16384,
+    tokenised = tokenize_examples(examples, tokenizer, cfg, report, fingerprint, max_input_tokens=limit,
                                   max_answer_tokens=MAX_ANSWER_TOKENS, limit=None, log=lambda _: None)
     if len(tokenised) != args.samples:
         raise RuntimeError(f"{args.samples - len(tokenised)} synthetic rows were dropped by the answer filter")
@@ -542,10 +642,12 @@ def prepare(args, preset: Preset, work: Path) -> dict:
         "work": str(work), "model_dir": str(model_dir), "tokenised": str(work / "tokenised"),
         "train_file": str(train_file), "validation_file": str(validation_file),
         "seed": args.seed, "seed_samples": min(args.seed_samples, args.samples),
-        "window": preset.window, "device": args.device, "precision": args.precision,
+        "window": built.window, "pad_multiple": built.pad_multiple, "global_attention": built.global_attention,
+        "max_input": limit, "seed_max_input": min(SEED_MAX_INPUT, limit),
+        "device": args.device, "precision": args.precision,
         "trainer_batch_size": args.trainer_batch_size, "trainer_pad_multiple": args.trainer_pad_multiple,
         "max_tokens": max_tokens, "max_batch_size": args.max_batch_size or preset.max_batch_size,
-        "learning_rate": 5e-5, "weight_decay": 0.01, "params": params,
+        "learning_rate": 5e-5, "weight_decay": 0.01, "params": built.params,
     }
     (work / "spec.json").write_text(json.dumps(spec, indent=1))
     return spec
@@ -692,7 +794,11 @@ def render(args, preset: Preset, spec: dict, results: dict, context: dict) -> st
     config = AutoConfig.from_pretrained(spec["model_dir"])
     lengths = json.loads((Path(spec["work"]) / "lengths.json").read_text())
     inputs, answers = np.array(lengths["input"]), np.array(lengths["answer"])
-    bound = inputs.sum() / (-(-inputs // preset.window) * preset.window).sum()
+    multiple = spec["pad_multiple"]
+    bound = inputs.sum() / (-(-inputs // multiple) * multiple).sum()
+    padding = (f"padding inputs to the {multiple}-token window alone" if preset.family == "led"
+               else f"padding inputs to a multiple of {multiple} (lfqa's collator)")
+    cut = "" if spec["max_input"] >= 16384 else f"; inputs cut to the model's {spec['max_input']:,} positions"
     peak, peak_source = context["peak"]
     cuda = args.device == "cuda"
     header = ["variant", "rows", "optimizer steps", "rows/step", "samples/s", "real tokens/s",
@@ -702,14 +808,11 @@ def render(args, preset: Preset, spec: dict, results: dict, context: dict) -> st
              f"preset {args.preset})", "",
              f"- date: {context['date']}; command: `{context['command']}`",
              f"- machine: {context['machine']}; {context['load_before']} before, {context['load_after']} after",
-             f"- model: LED {config.encoder_layers}+{config.decoder_layers} layers, d_model {config.d_model}, "
-             f"{config.encoder_attention_heads} heads, FFN {config.encoder_ffn_dim}, attention window {preset.window}, "
-             f"vocabulary {config.vocab_size}, {spec['params'] / 1e6:.1f}M parameters, random init (seed "
-             f"{args.seed}), same for every variant",
+             f"- model: {describe_model(preset, config, spec['params'])} (seed {args.seed})",
              f"- data: {len(inputs)} synthetic rows; input tokens mean {inputs.mean():.0f} (median "
              f"{np.median(inputs):.0f}, 90th percentile {np.percentile(inputs, 90):.0f}, max {inputs.max()}); answer "
-             f"tokens mean {answers.mean():.0f} (max {answers.max()}); padding inputs to the {preset.window}-token "
-             f"window alone caps encoder efficiency at {bound:.3f}",
+             f"tokens mean {answers.mean():.0f} (max {answers.max()}){cut}; {padding} caps encoder efficiency "
+             f"at {bound:.3f}",
              f"- optimizer: AdamW lr 5e-5, weight decay 0.01, clip 1.0, linear decay, no warm-up; a and b: batch "
              f"{spec['trainer_batch_size']}; c: token budget {spec['max_tokens']} (at most {spec['max_batch_size']} "
              f"rows per batch)",
@@ -722,7 +825,7 @@ def render(args, preset: Preset, spec: dict, results: dict, context: dict) -> st
             mem = _gib(r["peak_gpu"])
         else:
             mem = f"{_gib(r['peak_rss'])} (+{_gib(r['peak_rss'] - r['rss_baseline'])})"
-        row = [f"{variant}: {VARIANTS[variant]}", str(r["samples"]), str(r["steps"]),
+        row = [f"{variant}: {variant_label(variant, spec)}", str(r["samples"]), str(r["steps"]),
                f"{r['samples'] / r['steps']:.2f}", f"{r['samples'] / r['seconds']:.3f}", f"{real / r['seconds']:.0f}",
                f"{r['enc_real'] / r['enc_processed']:.3f}", f"{r['dec_real'] / r['dec_processed']:.3f}", mem,
                f"{flops / 1e12:.3f}", f"{flops / peak:.1%}"]
@@ -740,12 +843,24 @@ def render(args, preset: Preset, spec: dict, results: dict, context: dict) -> st
               "(every step, the first included; start-up and evaluation excluded). The variants ran at the same "
               "time but took turns, one optimizer step at a time, so that other load on the machine hit them "
               "alike (--sequential: one after the other). Padding efficiency: real / processed tokens, where "
-              "processed inputs are padded to the attention window as LED computes them. Peak RSS: the worker "
+              "processed inputs are padded to the attention window as LED computes them (the other families: as "
+              "batched). Peak RSS: the worker "
               "process's high-water mark (+ over its size after imports, before the model was loaded). "
               "Model TFLOP/s: training FLOPs of the real tokens (3 x forward, no recomputation; lfqa.flops, the "
               "model lfqa's train/mfu uses) per second; MFU: over the peak above (on CPU: this machine's dense "
               "matmul rate at this precision, measured in this run)."]
     return "\n".join(lines) + "\n"
+
+
+def variant_label(variant: str, spec: dict) -> str:
+    """VARIANTS' line as it applies to the model: the seed pads to what the model takes (BART: 1,024), and
+    only LED has lfqa's attention to ablate."""
+    label = VARIANTS[variant]
+    if variant == "a":
+        label = label.replace(str(SEED_MAX_INPUT), str(spec["seed_max_input"]))
+    if variant == "d" and not spec["global_attention"]:
+        label = "c without lfqa's speed-ups: for-loop AdamW, glibc returns freed memory (no LED attention here)"
+    return label
 
 
 def _gib(n: float) -> str:
@@ -778,11 +893,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lfqa-bench-") as tmp:
         work = (args.work_dir or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        print(f"preparing the {args.preset} LED and {args.samples} synthetic rows in {work}", flush=True)
+        print(f"preparing the {args.preset} {preset.family} model and {args.samples} synthetic rows in {work}",
+              flush=True)
         spec = prepare(args, preset, work)
         for variant in variants:
             rows = spec["seed_samples"] if variant == "a" else args.samples
-            print(f"{variant}: {VARIANTS[variant]} ({rows} rows)", flush=True)
+            print(f"{variant}: {variant_label(variant, spec)} ({rows} rows)", flush=True)
         print("running " + ("one after the other" if args.sequential else "interleaved, one step at a time"),
               flush=True)
         results = run_variants(variants, work, args.device, expected_steps(spec, variants), args.sequential)

@@ -77,6 +77,7 @@ def test_bench_help_names_the_options():
     for option in ("--samples", "--seed-samples", "--preset", "--device", "--precision", "--out", "--max-tokens"):
         assert option in proc.stdout
     assert "led-base" in proc.stdout and "make bench" in proc.stdout
+    assert "bart-base" in proc.stdout and "long-t5-base" in proc.stdout
 
 
 def test_longest_input_bisects_to_the_last_length_that_fits(tmp_path):
@@ -120,3 +121,67 @@ def test_profile_step_reports_the_groups_of_a_step():
     assert float(shares["fused attention kernels (SDPA)"]) > 0  # lfqa's default attention ran
     assert float(shares["optimizer step (AdamW, all its operators)"]) > 0
     assert len(re.findall(r"^\| `aten::", proc.stdout, re.M)) == 5
+
+
+class _Tokenizer:
+    """What family_config reads of a tokenizer: its size and special tokens."""
+
+    pad_token_id, eos_token_id, bos_token_id = 1, 2, 0
+
+    def __len__(self) -> int:
+        return 2000
+
+
+def test_base_presets_have_the_hub_models_shapes():
+    """bart-base and long-t5-base are facebook/bart-base's and google/long-t5-tglobal-base's shapes, built on
+    the meta device (transformers 5 ties T5's LM head to its embeddings whatever the config says: 222.9M, the
+    hub's 247.6M less a 32,128 x 768 head)."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from run import PRESETS, family_config
+
+    counts = {}
+    for name in ("bart-base", "long-t5-base", "led-base"):
+        config = family_config(PRESETS[name], _Tokenizer())
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in AutoModelForSeq2SeqLM.from_config(config).parameters())
+    assert round(counts["bart-base"] / 1e6, 1) == 139.4  # BART's final_logits_bias is a buffer
+    assert round(counts["long-t5-base"] / 1e6, 1) == 222.9
+    assert round(counts["led-base"] / 1e6, 1) == 161.8
+    long_t5 = family_config(PRESETS["long-t5-base"], _Tokenizer())
+    assert (long_t5.encoder_attention_type, long_t5.local_radius, long_t5.global_block_size) == (
+        "transient-global", 127, 16)
+    assert long_t5.decoder_start_token_id == _Tokenizer.pad_token_id  # T5 starts from <pad>
+
+
+def bench(tmp_path, preset: str, variants: str) -> tuple[str, dict, dict]:
+    out, work = tmp_path / "bench.md", tmp_path / "work"
+    cmd = [sys.executable, "benchmarks/run.py", "--preset", preset, "--samples", "4", "--seed-samples", "2",
+           "--out", str(out), "--work-dir", str(work), "--variants", variants]
+    proc = subprocess.run(cmd, cwd=ROOT, env=lfqa_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    rows = table_rows(text)
+    assert sorted(rows) == sorted(variants)
+    lengths = json.loads((work / "lengths.json").read_text())
+    return text, rows, lengths
+
+
+def test_bench_runs_bart_with_its_position_limit(tmp_path):
+    """BART reads at most 1,024 tokens: the rows are cut to it and the seed recipe pads to it, with no global
+    attention; c's logged FLOPs equal the FLOPs model's (run.py checks it), so the table has a figure."""
+    text, rows, lengths = bench(tmp_path, "tiny-bart", "ac")
+    assert "- model: BART (1024 positions) 2+2 layers" in text and "inputs cut to the model's 1,024 positions" in text
+    assert max(lengths["input"]) <= 1024
+    assert rows["a"][0].startswith("a: seed recipe: Seq2SeqTrainer, pad to 1024/512")
+    assert float(rows["a"][6]) == round(sum(lengths["input"][:2]) / (2 * 1024), 3)  # encoder padding eff.
+    assert float(rows["c"][4]) > 0 and float(rows["c"][10].rstrip("%")) > 0  # samples/s, MFU
+
+
+def test_bench_runs_long_t5_transient_global(tmp_path):
+    text, rows, lengths = bench(tmp_path, "tiny-longt5", "c")
+    assert "- model: LongT5 transient-global (local radius 8, a global token per 16 inputs) 2+2 layers" in text
+    assert "inputs cut" not in text and "padding inputs to a multiple of 8 (lfqa's collator)" in text
+    assert float(rows["c"][4]) > 0 and float(rows["c"][10].rstrip("%")) > 0  # samples/s, MFU
