@@ -71,7 +71,8 @@ def export_checkpoint(path: Path, out: Path, log=print) -> Path:
         model = AutoModelForSeq2SeqLM.from_config(config)
     model = model.to_empty(device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied copies (LED shares its embeddings with the encoder, decoder and output layer) may be absent.
+    # Tied copies (LED, BART and T5 share their embeddings with the encoder, decoder and output layer) may be
+    # absent.
     tied = {k for k in missing if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
     model.tie_weights()
     if set(missing) - tied or unexpected:
