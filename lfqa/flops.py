@@ -13,7 +13,7 @@ compute as a one-hot product). Training is 3 x forward (backward is twice forwar
 Hardware FLOPs are what the device computes: the padded batch, plus the forward recomputed by gradient
 checkpointing. Local attention is counted by its band there too, although the kernels compute more: LongT5
 scores each block of ``local_radius + 1`` queries against three whole blocks (3 x 128 keys instead of a band of
-255 for long-t5-tglobal-base), and transformers' causal masks compute the whole square.
+255 for long-t5-tglobal-base), and eager causal self-attention computes the whole square.
 
     python -c "from lfqa.flops import measure_matmul_flops; print(measure_matmul_flops('cpu', 'fp32') / 1e9)"
 """
