@@ -70,7 +70,7 @@ help:
 	@echo "make k8s-logs       follow rank 0 of run NAME again (across pod restarts)"
 	@echo "make k8s-delete     delete run NAME: its Job, pods, Service and ConfigMap (not the bucket)"
 
-setup: $(STAMP)
+setup: $(STAMP) $(BUNDLED_TRAIN)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -80,10 +80,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-train: $(STAMP)
+# The bundled training rows are generated (deterministically), not shipped: see lfqa/bundled_data.py.
+BUNDLED_TRAIN := lfqa/data/tiny_train.jsonl
+$(BUNDLED_TRAIN): | $(STAMP)
+	$(BIN)/python -m lfqa.bundled_data --if-missing
+
+train: setup
 	$(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) -m lfqa.train $(JOB) $(ARGS)
 
-test: $(STAMP)
+test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

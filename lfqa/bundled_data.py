@@ -1,7 +1,9 @@
-"""Deterministic generator of the tiny synthetic LFQA data set that ships with the package.
+"""Deterministic generator of the tiny synthetic LFQA data set that trains and checks the tiny models.
 
 The rows follow the schema of the LFQA data set ``LLukas22/lfqa_preprocessed``: every line of a
-``.jsonl`` file is one JSON object ``{"question": str, "answer": str, "context": [str, ...]}``.
+``.jsonl`` file is one JSON object ``{"question": str, "answer": str, "context": [str, ...]}``, plus
+``facts``: the asked entity's name and every attribute value the answer states, as the passages write them
+(what ``fact_recall`` looks for in a generated answer).
 
 All content is about invented entities (towns, animals, plants, machines and festivals with short
 invented two-syllable names), so nothing in it is real-world knowledge. Each row asks about one entity;
@@ -9,23 +11,23 @@ its context holds 1-2 relevant passages that state every fact of the answer (in 
 distractor passages about other entities written with the same templates, in a shuffled order.
 
 The facts cannot be memorised, only read from the context: every passage draws its attribute values
-(region, year, material, colour, size, what the entity is known for, ...) afresh, and the names come
-from a small pool per split (40 training names, 15 validation names), so each name appears in many
-rows, with different facts and even different kinds of entity each time, and as a distractor in other
-rows. Within a row the asked entity's name appears only in its relevant passage(s), which is how a
-reader tells them apart from the distractors. Validation rows use names (entities, the people and the
+(region, year, material, colour, size, what the entity is known for, ...) afresh, and the names come from
+pools too large to learn (4,000 training entities, 800 places, 800 people), so a name is asked about in a
+few rows only, with different facts and even different kinds of entity each time. Within a row the asked
+entity's name appears only in its relevant passage(s), which is how a reader tells them apart from the
+distractors (whose names start differently). Validation rows use names (entities, the people and the
 towns mentioned in passages) that never occur in the training rows, but the same templates and
 attribute vocabularies.
 
 The output depends only on the arguments: the same seed and sizes give byte-identical files, and the
 validation rows do not depend on the number of training rows (or the other way round).
 
-Regenerate the shipped files (``lfqa/data/tiny_train.jsonl`` and ``lfqa/data/tiny_validation.jsonl``)
-with::
+The 100 validation rows are shipped (``lfqa/data/tiny_validation.jsonl``); the 12,000 training rows
+(``lfqa/data/tiny_train.jsonl``, about 20 MB) are written at set-up. Both with::
 
-    python -m lfqa.bundled_data
+    python -m lfqa.bundled_data               # both files; --if-missing: the training file, when absent
 
-Options: ``--train N`` (400), ``--validation M`` (50), ``--seed S`` (0), ``--out DIR`` (the package's
+Options: ``--train N`` (12000), ``--validation M`` (100), ``--seed S`` (0), ``--out DIR`` (the package's
 ``data/`` folder).
 """
 
@@ -33,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import string
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -41,6 +45,10 @@ TRAIN_FILE = "tiny_train.jsonl"
 VALIDATION_FILE = "tiny_validation.jsonl"
 
 TRAIN = "train"
+TRAIN_ROWS = 12000  # made at set-up (make setup), not shipped
+VALIDATION_ROWS = 100  # shipped
+TOKENIZER_ROWS = 4000
+PASSAGES_PER_ROW = (2, 4)  # relevant and distractor passages of a row, at least and at most
 VALIDATION = "validation"
 
 # --------------------------------------------------------------------------------------------------
@@ -68,9 +76,10 @@ _NOT_NAMES = set(
 
 _NOT_PARTS = ("dild", "cum", "tit", "sex", "nig", "pis", "fuk", "kok")
 
-_ENTITY_NAMES = {TRAIN: 40, VALIDATION: 15}  # names of the entities rows ask about (and distractors)
-_PLACE_NAMES = 10  # towns that hold the festivals, per split
-_PEOPLE = 10  # botanists and engineers, per split
+# So many names that a model cannot learn them: it has to find and copy the asked entity's facts.
+_ENTITY_NAMES = {TRAIN: 4000, VALIDATION: 400}  # names of the entities rows ask about (and distractors)
+_PLACE_NAMES = {TRAIN: 800, VALIDATION: 80}  # towns that hold the festivals
+_PEOPLE = {TRAIN: 800, VALIDATION: 80}  # botanists and engineers
 
 
 def _name_candidate(rng: random.Random) -> str:
@@ -92,24 +101,27 @@ def _name_pools(seed: int) -> dict[str, dict[str, list[str]]]:
     """
     rng = random.Random(f"lfqa-tiny:{seed}:names")
     vocabulary = _vocabulary_text()
-    taken: list[str] = []  # lowercased
+    taken: set[str] = set()  # lowercased names
+    taken_parts: set[str] = set()  # every substring of a taken name that could be a whole name
 
     def draw(n: int) -> list[str]:
         out: list[str] = []
         while len(out) < n:
             name = _name_candidate(rng)
             low = name.lower()
-            if low in vocabulary or any(low in t or t in low or low[:3] == t[:3] for t in taken):
-                continue  # a name is never part of another name or word; names differ in their start
-            taken.append(low)
+            inner = {low[i:j] for i in range(len(low)) for j in range(i + 5, len(low) + 1)}
+            if low in vocabulary or low in taken_parts or inner & taken:
+                continue  # a name is never part of another name or word
+            taken.add(low)
+            taken_parts.update(inner)
             out.append(name)
         return out
 
     pools = {}
     for split in (TRAIN, VALIDATION):
         entity = draw(_ENTITY_NAMES[split])
-        place = draw(_PLACE_NAMES)
-        person = [f"{first} {last}" for first, last in zip(draw(_PEOPLE), draw(_PEOPLE))]
+        place = draw(_PLACE_NAMES[split])
+        person = [f"{first} {last}" for first, last in zip(draw(_PEOPLE[split]), draw(_PEOPLE[split]))]
         pools[split] = {"entity": entity, "place": place, "person": person}
     return pools
 
@@ -677,6 +689,9 @@ _QA = {
     ],
 }
 
+# Template words, not facts of the entity: the class's plural and the unit of a height (its number is a fact).
+_NOT_FACTS = {"plural", "unit"}
+
 _MIN_PASSAGE_WORDS = 30
 _MAX_PASSAGE_WORDS = 70
 
@@ -708,10 +723,13 @@ def _split_passages(e: dict, rng: random.Random) -> list[str]:
     return [_pad(_fmt(t, e), fillers, extra=rng.choice([0, 1])) for t in _SPLIT_PASSAGES[e["kind"]]]
 
 
-def _qa(e: dict, template: int, rng: random.Random) -> tuple[str, str]:
+def _qa(e: dict, template: int, rng: random.Random) -> tuple[str, str, list[str]]:
+    """The question, the answer and its facts: the values the answer states, in the order it states them."""
     questions, sentences, optional = _QA[e["kind"]][template]
     chosen = list(sentences) + [s for s in optional if rng.random() < 0.5]
-    return _fmt(rng.choice(questions), e), " ".join(_fmt(s, e) for s in chosen)
+    keys = [key for s in chosen for _, key, _, _ in string.Formatter().parse(s) if key]
+    values = [str(e[key.removeprefix("a_")]) for key in keys if key.removeprefix("a_") not in _NOT_FACTS]
+    return _fmt(rng.choice(questions), e), " ".join(_fmt(s, e) for s in chosen), list(dict.fromkeys(values))
 
 
 def _vocabulary_text() -> str:
@@ -759,6 +777,16 @@ def _balanced(items: list, n: int, rng: random.Random) -> list:
     return out
 
 
+def _distractor_names(names: list[str], asked: str, n: int, rng: random.Random) -> list[str]:
+    """``n`` other names, none starting like the asked one (a reader tells passages apart by the name)."""
+    out: list[str] = []
+    while len(out) < n:
+        other = rng.choice(names)
+        if other[:3] != asked[:3] and all(other[:3] != o[:3] for o in out):
+            out.append(other)
+    return out
+
+
 def _generate_split(n_rows: int, seed: int, split: str) -> list[dict]:
     pools = _name_pools(seed)[split]
     rng = random.Random(f"lfqa-tiny:{seed}:{split}")
@@ -769,23 +797,23 @@ def _generate_split(n_rows: int, seed: int, split: str) -> list[dict]:
     rows = []
     for (kind, template), name in zip(questions, asked):
         target = _make_entity(kind, name, rng, pools)
-        question, answer = _qa(target, template, rng)
+        question, answer, facts = _qa(target, template, rng)
         relevant = _split_passages(target, rng) if rng.random() < 0.35 else [_full_passage(target, rng)]
-        n_passages = rng.randint(max(3, len(relevant) + 1), 6)
+        n_passages = rng.randint(max(PASSAGES_PER_ROW[0], len(relevant) + 1), PASSAGES_PER_ROW[1])
         # Distractors: other names (each at most once per row), half of them the asked entity's kind.
-        others = rng.sample([n for n in names if n != name], n_passages - len(relevant))
         distractors = [
             _make_entity(kind if rng.random() < 0.5 else rng.choice(KINDS), other, rng, pools)
-            for other in others
+            for other in _distractor_names(names, name, n_passages - len(relevant), rng)
         ]
         context = relevant + [_full_passage(d, rng) for d in distractors]
         rng.shuffle(context)
-        rows.append({"question": question, "answer": answer, "context": context})
+        rows.append({"question": question, "answer": answer, "context": context, "facts": facts})
     return rows
 
 
-def generate(n_train: int = 400, n_validation: int = 50, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Return ``(train_rows, validation_rows)``; each row is ``{"question", "answer", "context"}``.
+def generate(n_train: int = TRAIN_ROWS, n_validation: int = VALIDATION_ROWS,
+             seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Return ``(train_rows, validation_rows)``; each row is ``{"question", "answer", "context", "facts"}``.
 
     Deterministic in its arguments. The two splits draw their invented names from disjoint pools, so
     no entity (or any other invented name) is shared between them.
@@ -795,18 +823,40 @@ def generate(n_train: int = 400, n_validation: int = 50, seed: int = 0) -> tuple
     return _generate_split(n_train, seed, TRAIN), _generate_split(n_validation, seed, VALIDATION)
 
 
+def tokenizer_rows() -> list[dict]:
+    """Training rows for the tiny models' tokenizer: enough to use every training name several times."""
+    return _generate_split(TOKENIZER_ROWS, 0, TRAIN)
+
+
+def ensure_training_file(patterns: list[str]) -> Path | None:
+    """Write the bundled training rows if ``patterns`` names their file and it is not there yet.
+
+    The training rows are made at set-up rather than shipped (they are tens of megabytes); a fresh clone that
+    skips ``make setup`` gets them on its first run. Returns the path written, or None.
+    """
+    target = DATA_DIR / TRAIN_FILE
+    if target.exists() or not any(Path(p).resolve() == target for p in patterns):
+        return None
+    _dump(generate(TRAIN_ROWS, 0)[0], target)
+    return target
+
+
 def _dump(rows: list[dict], path: Path) -> None:
+    """Write through a temporary file and a rename, so that a reader never sees half a file."""
     lines = [
         json.dumps(
-            {"question": r["question"], "answer": r["answer"], "context": r["context"]}, ensure_ascii=False
+            {"question": r["question"], "answer": r["answer"], "context": r["context"], "facts": r["facts"]},
+            ensure_ascii=False,
         )
         for r in rows
     ]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write(
-    out_dir: str | Path = DATA_DIR, n_train: int = 400, n_validation: int = 50, seed: int = 0
+    out_dir: str | Path = DATA_DIR, n_train: int = TRAIN_ROWS, n_validation: int = VALIDATION_ROWS, seed: int = 0
 ) -> tuple[Path, Path]:
     """Generate the data set and write ``tiny_train.jsonl`` and ``tiny_validation.jsonl`` to ``out_dir``.
 
@@ -826,11 +876,17 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m lfqa.bundled_data",
         description="Write the tiny synthetic LFQA data set (deterministic for a given seed).",
     )
-    parser.add_argument("--train", type=int, default=400, help="number of training rows (default 400)")
-    parser.add_argument("--validation", type=int, default=50, help="number of validation rows (default 50)")
+    parser.add_argument("--train", type=int, default=TRAIN_ROWS, help=f"training rows (default {TRAIN_ROWS})")
+    parser.add_argument("--validation", type=int, default=VALIDATION_ROWS,
+                        help=f"validation rows (default {VALIDATION_ROWS})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--out", type=Path, default=DATA_DIR, help=f"output folder (default {DATA_DIR})")
+    parser.add_argument("--if-missing", action="store_true",
+                        help="only write the package's training file, and only when it is not there (make setup)")
     args = parser.parse_args(argv)
+    if args.if_missing:
+        ensure_training_file([str(DATA_DIR / TRAIN_FILE)])
+        return
     for path in write(args.out, args.train, args.validation, args.seed):
         print(path)
 

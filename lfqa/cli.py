@@ -77,10 +77,15 @@ def _check_job(args) -> int:
     return 0
 
 
+# lfqa.modeling.TINY_FAMILIES' values, here without importing torch for every command's parser.
+TINY_FAMILY_NAMES = ("led", "bart", "t5", "longt5")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lfqa",
-        description="Fine-tune LED models for long-form question answering. `lfqa COMMAND --help` for each.",
+        description="Fine-tune encoder-decoder models (LED, BART, T5, LongT5) for long-form question answering. "
+                    "`lfqa COMMAND --help` for each.",
         epilog="Several processes: accelerate launch --config_file accelerate_configs/cpu.yaml "
                "-m lfqa.train jobs/tiny-cpu.yaml. A failure is one line; --debug (anywhere) prints its traceback.",
     )
@@ -90,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-job", help="validate a job file with overrides and print the resolved config")
     check.add_argument("job")
     check.add_argument("overrides", nargs="*", metavar="key=value")
-    tiny = sub.add_parser("build-tiny", help="build the tiny LED and its tokenizer into a folder (no download)")
+    tiny = sub.add_parser("build-tiny", help="build a tiny random model and its tokenizer into a folder (no download)")
     tiny.add_argument("--out", required=True)
+    tiny.add_argument("--family", default="led", choices=TINY_FAMILY_NAMES)
     return parser
 
 
@@ -105,7 +111,7 @@ def dispatch(argv: list[str]) -> int:
     from lfqa.modeling import main as build_main
 
     output_folder(args.out)
-    build_main(["--out", args.out])
+    build_main(["--out", args.out, "--family", args.family])
     return 0
 
 

@@ -43,6 +43,8 @@ class Example:
     question: str
     answer: str
     contexts: list[str]
+    facts: list[str] = field(default_factory=list)
+    """Short strings a correct answer contains (scored as fact recall); empty when the row has none."""
 
 
 @dataclass
@@ -165,6 +167,19 @@ def row_contexts(row: dict, fields: FieldsConfig) -> list[str] | str:
     return contexts or "empty context"
 
 
+def row_facts(row: dict, fields: FieldsConfig) -> list[str] | str:
+    """The row's facts (optional: absent or null is none), or the reason they are malformed."""
+    try:
+        value = get_path(row, fields.facts)
+    except KeyError:
+        return []
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(f, str) for f in value):
+        return f"facts field '{fields.facts}' is not a list of strings"
+    return [f.strip() for f in value if f.strip()]
+
+
 def normalise_row(row: Any, fields: FieldsConfig) -> Example | str:
     """Map one raw row to an :class:`Example`, or return the reason it is malformed."""
     if not isinstance(row, dict):
@@ -176,7 +191,10 @@ def normalise_row(row: Any, fields: FieldsConfig) -> Example | str:
     contexts = row_contexts(row, fields)
     if isinstance(contexts, str):
         return contexts
-    return Example(question, answer, contexts)
+    facts = row_facts(row, fields)
+    if isinstance(facts, str):
+        return facts
+    return Example(question, answer, contexts, facts)
 
 
 def expand_files(patterns: list[str]) -> list[Path]:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from lfqa.config import EvalConfig
 
+FULL = "full"
+LOSS_ONLY = "loss"
+
 
 @dataclass
 class EvalData:
@@ -19,6 +22,8 @@ class EvalData:
     dataset: object
     questions: list[str]
     references: list[str]
+    facts: list[list[str]] | None = None
+    """Each row's facts (an empty list for a row without); None: no row has any."""
 
 
 class Evaluator:
@@ -36,31 +41,52 @@ class Evaluator:
         """The untrained model's figures, once per run (a resumed run already has them)."""
         return self.cfg.at_start and not resumed
 
-    def due(self, step: int, total_steps: int) -> bool:
-        """Periodic evaluation; the last step is evaluated by the end of the run, not here."""
-        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0 and step < total_steps
+    def due(self, step: int, total_steps: int) -> str | None:
+        """``full`` (loss and generation), ``loss`` (the loss alone) or None; the last step is evaluated by the
+        end of the run, not here."""
+        if step >= total_steps:
+            return None
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            return FULL
+        if self.cfg.loss_every_steps and step % self.cfg.loss_every_steps == 0:
+            return LOSS_ONLY
+        return None
 
-    def run(self, model, tokenizer, tracker, step: int, label: str) -> dict:
+    def run(self, model, tokenizer, tracker, step: int, label: str, kind: str = FULL) -> dict:
         """Evaluate, report, and return the record that the summary and checkpoints keep."""
         from lfqa.evaluation import evaluate
 
-        data = self.data
-        result = evaluate(model, tokenizer, data.dataset, data.questions, data.references, self.cfg,
-                          self.accelerator, self.collator)
+        result = evaluate(model, tokenizer, self.data, self.cfg, self.accelerator, self.collator,
+                          generate=kind == FULL)
+        if kind == LOSS_ONLY:
+            tracker.log(result.metrics(), step)
+            if self.accelerator.is_main_process:
+                self.log(f"{label}: eval loss {result.loss:.4f}")
+            return {"step": step, "loss": result.loss, "metrics": result.metrics()}
         tracker.log(result.metrics(), step)
         tracker.log_samples(result.samples, step)
         if self.accelerator.is_main_process:
             self._report(result, step, label)
         return {"step": step, "loss": result.loss, "rouge": result.rouge, "other": result.other,
-                "sample": result.samples[0] if result.samples else None, "metrics": result.metrics()}
+                "facts": result.facts, "sample": result.samples[0] if result.samples else None,
+                "metrics": result.metrics()}
 
     def _report(self, result, step: int, label: str) -> None:
         scores = {**result.rouge, **result.other}  # every metric of eval.metrics
-        self.log(f"{label}: eval loss {result.loss:.4f} | "
-                 + " | ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, (int, float))))
+        numbers = [f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, (int, float))]
+        if result.facts:
+            numbers.insert(0, fact_recall_text(result.facts))
+        self.log(f"{label}: eval loss {result.loss:.4f} | " + " | ".join(numbers))
         for sample in result.samples[: self.cfg.num_examples_to_print]:
             self.log(f"  question:  {sample['question']}\n  generated: {sample['generated']}\n"
                      f"  reference: {sample['reference']}")
         (self.run_dir / f"eval-step{step}.json").write_text(json.dumps(
             {"step": step, "loss": result.loss, "rouge": result.rouge, "other": result.other,
-             "samples": result.samples}, indent=1))
+             "facts": result.facts, "samples": result.samples}, indent=1))
+
+
+def fact_recall_text(facts: dict) -> str:
+    """``fact_recall 0.7120 [0.6650, 0.7580] (100 rows)`` for the console."""
+    interval = (f" [{facts['fact_recall_ci_low']:.4f}, {facts['fact_recall_ci_high']:.4f}]"
+                if "fact_recall_ci_low" in facts else "")
+    return f"fact_recall {facts['fact_recall']:.4f}{interval} ({facts['fact_rows']} rows)"

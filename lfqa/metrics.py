@@ -21,7 +21,7 @@ from rouge_score import rouge_scorer
 from lfqa.errors import MetricError, one_line
 
 METRIC_MODULES = Path(__file__).parent / "metric_modules"
-LOCAL_METRICS = ("rouge",)
+LOCAL_METRICS = ("rouge", "fact_recall")
 """Names in ``eval.metrics`` that mean lfqa's own modules (in ``METRIC_MODULES``)."""
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -64,6 +64,31 @@ def bootstrap_ci(values: np.ndarray, *, samples: int = 1000, confidence: float =
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def _words(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def fact_found(fact: str, text: str) -> bool:
+    """``fact`` occurs in ``text`` as whole words, ignoring case and white space."""
+    return re.search(rf"(?<!\w){re.escape(_words(fact))}(?!\w)", _words(text)) is not None
+
+
+def fact_recall_scores(predictions: list[str], facts: list[list[str]], *, bootstrap: int = 0,
+                       confidence: float = 0.95, seed: int = 0, per_example: bool = False) -> dict:
+    """The mean share of each row's facts found in its prediction, over the rows that have facts."""
+    if len(predictions) != len(facts):
+        raise ValueError(f"{len(predictions)} predictions for {len(facts)} lists of facts")
+    shares = [sum(fact_found(f, p) for f in row) / len(row) if row else None for p, row in zip(predictions, facts)]
+    scored = np.array([s for s in shares if s is not None], dtype=float)
+    out: dict = {"fact_recall": float(scored.mean()) if len(scored) else float("nan"), "fact_rows": len(scored)}
+    if bootstrap:
+        out["fact_recall_ci_low"], out["fact_recall_ci_high"] = bootstrap_ci(
+            scored, samples=bootstrap, confidence=confidence, seed=seed)
+    if per_example:
+        out["fact_recall_per_example"] = shares
+    return out
 
 
 def local_metric_path(name: str) -> Path | None:
@@ -118,6 +143,8 @@ class MetricScores:
     per_example: dict[str, list[float]] = field(default_factory=dict)
     other: dict[str, float] = field(default_factory=dict)
     """Every other metric's numbers, as ``name/key`` (a list of per-example numbers is averaged)."""
+    facts: dict[str, float] = field(default_factory=dict)
+    """fact_recall, fact_rows and (with ``bootstrap``) its interval, when some rows have facts."""
 
 
 def _numbers(name: str, result: dict) -> dict[str, float]:
@@ -130,15 +157,30 @@ def _numbers(name: str, result: dict) -> dict[str, float]:
     return out
 
 
+def _fact_recall(scores: MetricScores, predictions: list[str], facts: list[list[str]], bootstrap: int,
+                 seed: int, per_example: bool) -> None:
+    """Fact recall through its ``evaluate`` module, when any row has facts."""
+    if not any(facts):
+        return
+    result = load_metric("fact_recall").compute(predictions=predictions, references=facts, bootstrap=bootstrap,
+                                                seed=seed, per_example=per_example)
+    if per_example:
+        scores.per_example["fact_recall"] = result.pop("fact_recall_per_example")
+    scores.facts = result
+
+
 def compute_metrics(names: list[str], predictions: list[str], references: list[str], *, bootstrap: int = 0,
-                    seed: int = 0, per_example: bool = False) -> MetricScores:
-    """Every metric of ``names`` on aligned predictions and references (ROUGE with intervals when ``bootstrap``)."""
+                    seed: int = 0, per_example: bool = False, facts: list[list[str]] | None = None) -> MetricScores:
+    """Every metric of ``names`` on aligned predictions and references (ROUGE with intervals when ``bootstrap``),
+    and fact recall when ``facts`` (one list per prediction, empty for a row without) has any."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     scores = MetricScores()
     if not predictions:  # an evaluation with eval.max_generate_samples 0
         scores.rouge = {k: 0.0 for k in ROUGE_TYPES} if "rouge" in names else {}
         return scores
+    if facts is not None:
+        _fact_recall(scores, predictions, facts, bootstrap, seed, per_example)
     for name in names:
         metric = load_metric(name)
         try:

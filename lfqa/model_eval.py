@@ -32,18 +32,19 @@ import torch
 from lfqa.answer import positive_int, resolve_model_and_job
 from lfqa.config import JobConfig
 from lfqa.errors import output_folder
+from lfqa.evaluator import fact_recall_text
 from lfqa.metrics import ROUGE_TYPES, compute_metrics
 
 
 def score(predictions: list[str], references: list[str], *, bootstrap: int = 1000, seed: int = 0,
-          metrics: list[str] = ("rouge",)) -> dict:
-    """Mean ROUGE-1/2/L/Lsum with percentile-bootstrap 95% intervals, each example's scores, and the numbers
-    of every other metric named in ``metrics``."""
+          metrics: list[str] = ("rouge",), facts: list[list[str]] | None = None) -> dict:
+    """Mean ROUGE-1/2/L/Lsum with percentile-bootstrap 95% intervals, each example's scores, the numbers
+    of every other metric named in ``metrics``, and fact recall (with its interval) when rows have facts."""
     scores = compute_metrics(list(metrics), predictions, references, bootstrap=bootstrap, seed=seed,
-                             per_example=True)
+                             per_example=True, facts=facts)
     rouge = {k: {"mean": scores.rouge[k], "ci_low": scores.intervals[k][0], "ci_high": scores.intervals[k][1]}
              for k in scores.rouge}
-    return {"rouge": rouge, "per_example": scores.per_example, "other": scores.other}
+    return {"rouge": rouge, "per_example": scores.per_example, "other": scores.other, "facts": scores.facts}
 
 
 def _state():
@@ -166,17 +167,26 @@ def render_markdown(report: dict) -> str:
              f"decoding: {', '.join(f'{k}={v}' for k, v in report['generation'].items())}.", ""]
     rouge_types = [k for k in ROUGE_TYPES if all(k in r["rouge"] for r in report["models"].values())]
     others = sorted({k for r in report["models"].values() for k in r.get("other", {})})
-    header = [f"{k} (95% CI)" for k in rouge_types] + others + ["truncated inputs"]
+    with_facts = all(r.get("facts") for r in report["models"].values())
+    header = (["fact_recall (95% CI)"] if with_facts else []) + [f"{k} (95% CI)" for k in rouge_types] + others
+    header.append("truncated inputs")
     lines += ["| model | " + " | ".join(header) + " |", "| --- | " + " | ".join("---" for _ in header) + " |"]
     for label, result in report["models"].items():
-        cells = [f"{r['mean']:.4f} ({r['ci_low']:.4f}-{r['ci_high']:.4f})" for r in
-                 (result["rouge"][k] for k in rouge_types)]
+        facts = result.get("facts") or {}
+        cells = ([f"{facts['fact_recall']:.4f} ({facts['fact_recall_ci_low']:.4f}-{facts['fact_recall_ci_high']:.4f})"]
+                 if with_facts else [])
+        cells += [f"{r['mean']:.4f} ({r['ci_low']:.4f}-{r['ci_high']:.4f})" for r in
+                  (result["rouge"][k] for k in rouge_types)]
         cells += [f"{result['other'][k]:.4f}" if k in result.get("other", {}) else "-" for k in others]
         cells.append(str(result["truncated_inputs"]))
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     truncated = max(r["truncated_inputs"] for r in report["models"].values())
     if truncated:
         lines += ["", truncation_line(truncated, report["max_input_tokens"]) + "."]
+    if with_facts:
+        rows = next(iter(report["models"].values()))["facts"]["fact_rows"]
+        lines += ["", f"fact_recall: the mean share of a row's facts found in its answer (whole words, any case), "
+                      f"over the {rows} rows that have facts."]
     lines += ["", "## Sample answers", ""]
     for sample in report["samples"]:
         lines += [f"**Question:** {sample['question']}", "", f"- *reference:* {sample['reference']}"]
@@ -217,11 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _score_models(labels: dict[str, str], selection: Selection, job: JobConfig, args, state) -> dict:
     items = [(e.question, e.contexts) for e in selection.examples]
     references = [e.answer for e in selection.examples]
+    facts = [e.facts for e in selection.examples]
     models = {}
     for label, path in labels.items():
         predictions, truncated = generate_answers(path, items, job, batch_size=args.batch_size, state=state)
         models[label] = {"predictions": predictions, "truncated_inputs": truncated,
-                         **score(predictions, references, bootstrap=args.bootstrap, metrics=job.eval.metrics)}
+                         **score(predictions, references, bootstrap=args.bootstrap, metrics=job.eval.metrics,
+                                 facts=facts)}
     return models
 
 
@@ -230,8 +242,11 @@ def _write_outputs(out: Path, report: dict, selection: Selection, models: dict) 
         for i, e in enumerate(selection.examples):
             row = {"question": e.question, "reference": e.answer,
                    "generated": {label: r["predictions"][i] for label, r in models.items()}}
-            if all("rougeL" in r["per_example"] for r in models.values()):
-                row["rougeL"] = {label: r["per_example"]["rougeL"][i] for label, r in models.items()}
+            for key in ("rougeL", "fact_recall"):
+                if all(key in r["per_example"] for r in models.values()):
+                    row[key] = {label: r["per_example"][key][i] for label, r in models.items()}
+            if e.facts:
+                row["facts"] = e.facts
             f.write(json.dumps(row) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(render_markdown(report))
@@ -268,8 +283,8 @@ def _run(argv: list[str]) -> int:
         "generation": asdict(job.eval.generation),
         "metrics": list(job.eval.metrics),
         "max_input_tokens": max_input,
-        "models": {label: {"rouge": r["rouge"], "other": r["other"], "truncated_inputs": r["truncated_inputs"]}
-                   for label, r in models.items()},
+        "models": {label: {"rouge": r["rouge"], "facts": r["facts"], "other": r["other"],
+                           "truncated_inputs": r["truncated_inputs"]} for label, r in models.items()},
         "samples": [{"question": examples[i].question, "reference": examples[i].answer,
                      "generated": {label: r["predictions"][i] for label, r in models.items()}}
                     for i in range(min(args.samples, len(examples)))],
@@ -277,7 +292,8 @@ def _run(argv: list[str]) -> int:
     _write_outputs(out, report, selection, models)
     print(f"rows: {selection.describe()}")
     for label, r in models.items():
-        numbers = [f"{k} {v['mean']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]" for k, v in r["rouge"].items()]
+        numbers = [fact_recall_text(r["facts"])] if r["facts"] else []
+        numbers += [f"{k} {v['mean']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]" for k, v in r["rouge"].items()]
         numbers += [f"{k} {v:.4f}" for k, v in r["other"].items()]
         print(f"{label}: " + " | ".join(numbers))
         if r["truncated_inputs"]:

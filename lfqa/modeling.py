@@ -49,13 +49,18 @@ class ModelLoadError(LfqaError, RuntimeError):
 
 
 def _bundled_texts() -> list[str]:
+    """What the tiny tokenizer is trained on: the bundled training rows, made by the generator.
+
+    Never the validation rows: their invented names would become tokens of their own whose embeddings
+    training never updates, so a model could not write them even when it finds them in the context.
+    """
+    from lfqa.bundled_data import tokenizer_rows
+
     texts = []
-    for path in (BUNDLED_TRAIN, BUNDLED_VALIDATION):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            texts.append(row["question"])
-            texts.append(row["answer"])
-            texts.extend(row["context"])
+    for row in tokenizer_rows():
+        texts.append(row["question"])
+        texts.append(row["answer"])
+        texts.extend(row["context"])
     return texts
 
 
@@ -143,7 +148,7 @@ def _tiny_config(family: str, tiny: TinyModelConfig, tokenizer):
         shape = dict(vocab_size=len(tokenizer), d_model=tiny.d_model, d_kv=tiny.d_model // tiny.attention_heads,
                      d_ff=tiny.ffn_dim, num_layers=tiny.encoder_layers, num_decoder_layers=tiny.decoder_layers,
                      num_heads=tiny.attention_heads, feed_forward_proj="gated-gelu", tie_word_embeddings=True,
-                     decoder_start_token_id=tokenizer.pad_token_id, **tokens)
+                     decoder_start_token_id=tokenizer.pad_token_id, dropout_rate=tiny.dropout, **tokens)
         if family == "t5":
             return T5Config(**shape)
         # Transient-global attention: a local band of attention_window / 2 tokens on either side, plus one
@@ -153,7 +158,8 @@ def _tiny_config(family: str, tiny: TinyModelConfig, tokenizer):
     shape = dict(vocab_size=len(tokenizer), d_model=tiny.d_model, encoder_layers=tiny.encoder_layers,
                  decoder_layers=tiny.decoder_layers, encoder_attention_heads=tiny.attention_heads,
                  decoder_attention_heads=tiny.attention_heads, encoder_ffn_dim=tiny.ffn_dim,
-                 decoder_ffn_dim=tiny.ffn_dim, bos_token_id=tokenizer.bos_token_id,
+                 decoder_ffn_dim=tiny.ffn_dim, bos_token_id=tokenizer.bos_token_id, init_std=tiny.init_std,
+                 dropout=tiny.dropout,
                  # LED's and BART's own convention (allenai/led-base-16384, facebook/bart-large): the decoder
                  # starts from </s>.
                  decoder_start_token_id=tokenizer.eos_token_id, **tokens)
@@ -182,9 +188,10 @@ def _save_on_any_rank(model, out_dir: Path) -> None:
 
 def tiny_model_dir(model_cfg: ModelConfig) -> Path:
     """The cache folder for a tiny model: keyed by its shape and the bundled data it was trained on."""
+    from lfqa import bundled_data
+
     key = hashlib.sha256(json.dumps(dataclasses.asdict(model_cfg.tiny), sort_keys=True).encode())
-    for path in (BUNDLED_TRAIN, BUNDLED_VALIDATION):
-        key.update(path.read_bytes())
+    key.update(Path(bundled_data.__file__).read_bytes())  # the generator makes the tokenizer's text
     return Path(model_cfg.cache_dir) / f"{TINY_MODEL_NAME}-{key.hexdigest()[:12]}"
 
 

@@ -45,6 +45,15 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _interval(ax, records: list[dict], key: str) -> None:
+    """Shade ``key``'s bootstrap interval where the records carry one (``<key>_ci_low`` / ``_ci_high``)."""
+    points = [(r["step"], r[f"{key}_ci_low"], r[f"{key}_ci_high"]) for r in records
+              if f"{key}_ci_low" in r and f"{key}_ci_high" in r]
+    if points:
+        steps, low, high = zip(*points)
+        ax.fill_between(steps, low, high, alpha=0.2)
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the curves of ``run_dir`` into ``out`` (default ``RUN/curves.png``); returns the path."""
     import matplotlib
@@ -55,10 +64,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / "curves.png"
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    # Training and validation loss share a panel: the gap between them is what shows memorisation.
     panels = [
-        (axes[0, 0], "train loss", ["train/loss"]),
+        (axes[0, 0], "loss", ["train/loss", "eval/loss"]),
         (axes[0, 1], "learning rate", ["train/lr"]),
-        (axes[1, 0], "eval loss", ["eval/loss"]),
+        (axes[1, 0], "eval fact recall (95% CI)", ["eval/fact_recall"]),
         (axes[1, 1], "eval ROUGE (F1)", ["eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/rougeLsum"]),
     ]
     for ax, title, keys in panels:
@@ -66,11 +76,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         for key in keys:
             steps, values = series(records, key)
             if steps:
-                ax.plot(steps, values, marker="o" if len(steps) < 20 else None, label=key.split("/")[1])
+                ax.plot(steps, values, marker="o" if len(steps) < 20 else None, label=key)
+                _interval(ax, records, key)
                 drawn = True
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
+        if key.endswith("fact_recall"):
+            ax.set_ylim(0, 1)
         if len(keys) > 1 and drawn:
             ax.legend()
         if not drawn:

@@ -145,9 +145,13 @@ def length_limits(job: JobConfig, model_config, log=print) -> tuple[int, int]:
 def build_data(job: JobConfig, tokenizer, model_config, log=print, main_first=contextlib.nullcontext) -> PreparedData:
     """Read, filter and tokenise both splits (cached); ``main_first`` lets one process per machine fill the
     cache before the others read it."""
+    from lfqa.bundled_data import ensure_training_file
     from lfqa.data import read_split, stage_data_files, tokenize_examples
 
     max_input, max_answer = length_limits(job, model_config, log)
+    with main_first():
+        if written := ensure_training_file(job.data.train_files):
+            log(f"wrote the bundled training rows to {written}")
     out, reports, val_examples = {}, {}, None
     for split, limit in (("train", job.data.max_train_samples), ("validation", job.data.max_eval_samples)):
         with main_first():
@@ -161,11 +165,11 @@ def build_data(job: JobConfig, tokenizer, model_config, log=print, main_first=co
         reports[split] = report.to_dict()
         if split == "validation":
             val_examples = examples
-    # Questions and references of the rows that survived filtering, for printing and ROUGE.
-    kept = out["validation"]["row_id"]
-    questions = [val_examples[i].question for i in kept]
-    references = [val_examples[i].answer for i in kept]
-    return PreparedData(out["train"], EvalData(out["validation"], questions, references), reports)
+    # Questions, references and facts of the rows that survived filtering, for printing and scoring.
+    kept = [val_examples[i] for i in out["validation"]["row_id"]]
+    eval_data = EvalData(out["validation"], [e.question for e in kept], [e.answer for e in kept],
+                         [e.facts for e in kept])
+    return PreparedData(out["train"], eval_data, reports)
 
 
 def keep_freed_memory() -> bool:
@@ -351,14 +355,14 @@ def build_parts(ctx: Run):
     """(parts, plan, data): model, data, optimizer and schedule, prepared by accelerate; then the components."""
     from lfqa.checkpoint import CheckpointManager
     from lfqa.evaluator import Evaluator
-    from lfqa.modeling import attention_window
     from lfqa.trainer import StepPlan, TrainParts
 
     job, acc, log = ctx.job, ctx.accelerator, ctx.log
     model, tokenizer = load_training_model(job, acc, log)
     data = build_data(job, tokenizer, model.config, log, acc.local_main_process_first)
     collate = build_collator(job, tokenizer, model)
-    sampler = build_sampler(job, data.train, attention_window(model))
+    # The sampler counts a token budget in the padded lengths the collator makes.
+    sampler = build_sampler(job, data.train, collate.collator.pad_to_multiple_of)
     loader = build_loader(data.train, sampler, collate, job.train.seed)
     accum = job.train.gradient_accumulation_steps
     plan = StepPlan(*plan_steps(sampler, acc.num_processes, accum, job.train.epochs, job.train.max_steps))

@@ -365,8 +365,9 @@ class Trainer:
             self.log_metrics()
         if step >= self.plan.total_steps:
             return True
-        if self.parts.evaluator.due(step, self.plan.total_steps):
-            self.evaluate(step, f"step {step}")
+        kind = self.parts.evaluator.due(step, self.plan.total_steps)
+        if kind:
+            self.evaluate(step, f"step {step}", kind)
         decision = self.parts.checkpoints.due(step)
         if decision.stop:
             self.log(f"SIGTERM received: checkpointing at step {step} and stopping")
@@ -385,10 +386,10 @@ class Trainer:
         self.progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{lr:.2e}",
                                   samples_s=f"{metrics['train/samples_per_s']:.2f}")
 
-    def evaluate(self, step: int, label: str) -> dict:
+    def evaluate(self, step: int, label: str, kind: str = "full") -> dict:
         parts = self.parts
         with self.clock.paused():
-            self.last_eval = parts.evaluator.run(parts.model, parts.tokenizer, parts.tracker, step, label)
+            self.last_eval = parts.evaluator.run(parts.model, parts.tokenizer, parts.tracker, step, label, kind)
         return self.last_eval
 
     def save_checkpoint(self) -> None:

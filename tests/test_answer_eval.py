@@ -7,7 +7,7 @@ import pytest
 
 from lfqa.answer import Answerer, InputError, read_document
 from lfqa.answer import main as answer_main
-from lfqa.metrics import bootstrap_ci, rouge
+from lfqa.metrics import bootstrap_ci, fact_found, rouge
 from lfqa.model_eval import main as eval_main
 from lfqa.modeling import BUNDLED_VALIDATION
 
@@ -28,6 +28,9 @@ def test_python_api_answers_passages_and_documents(answerer):
     row = VAL[0]
     result = answerer.answer(row["question"], contexts=row["context"])
     assert len(result.answer.split()) >= 10 and not result.truncated
+    # An entity never seen in training: its name and most of its facts come from the passages.
+    found = [f for f in row["facts"] if fact_found(f, result.answer)]
+    assert row["facts"][0] in found and len(found) >= len(row["facts"]) / 2, (result.answer, row["facts"])
     assert result.input_tokens > 50 and result.max_input_tokens == 1024  # model.tiny.max_input_tokens
     # The decoding settings the model was trained with (its job.yaml): greedy, no repeated trigrams.
     assert answerer.generation.num_beams == 1 and answerer.generation.no_repeat_ngram_size == 3
@@ -167,8 +170,11 @@ def test_rouge_of_identical_and_disjoint_texts():
 
 
 def test_eval_compares_the_fine_tuned_model_with_the_base_model(trained, tmp_path, capsys):
-    tmp, run_dir, _ = trained
-    base = next((tmp / "models").glob("tiny-led-*"))
+    from lfqa.config import load_job
+    from lfqa.modeling import tiny_model_dir
+
+    _, run_dir, _ = trained
+    base = tiny_model_dir(load_job(run_dir / "model" / "job.yaml").model)  # the untrained model it started from
     out = tmp_path / "eval"
     code = eval_main(["--model", str(run_dir / "model"), "--compare", str(base), "--limit", "20", "--out", str(out),
                       "--bootstrap", "500"])
@@ -180,6 +186,8 @@ def test_eval_compares_the_fine_tuned_model_with_the_base_model(trained, tmp_pat
         r = tuned["rouge"][k]
         assert r["ci_low"] <= r["mean"] <= r["ci_high"]
     assert tuned["rouge"]["rougeL"]["ci_low"] > untrained["rouge"]["rougeL"]["ci_high"]
+    assert tuned["facts"]["fact_recall_ci_low"] > untrained["facts"]["fact_recall_ci_high"]
+    assert tuned["facts"]["fact_rows"] == 20 and untrained["facts"]["fact_recall"] < 0.05
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 20 and predictions[0]["question"] == VAL[0]["question"]
     generated = [p["generated"][str(run_dir / "model")] for p in predictions]
@@ -187,6 +195,8 @@ def test_eval_compares_the_fine_tuned_model_with_the_base_model(trained, tmp_pat
     assert rouge(generated, references)["rougeL"] == pytest.approx(tuned["rouge"]["rougeL"]["mean"])
     md = (out / "report.md").read_text()
     assert f"`{run_dir / 'model'}`" in md and "## Sample answers" in md and VAL[0]["question"] in md
+    assert "| model | fact_recall (95% CI) | rouge1 (95% CI) |" in md
+    assert predictions[0]["facts"] == VAL[0]["facts"] and 0 <= predictions[0]["fact_recall"][str(base)] <= 1
     assert "predictions and report written to" in capsys.readouterr().out
 
 
@@ -226,7 +236,7 @@ def test_eval_scores_the_rows_of_trainings_evaluation(trained, tmp_path, capsys)
     assert [p["question"] for p in predictions] == [s["question"] for s in trained_eval["samples"]]
     assert report["data"]["examples"] == 49 and report["data"]["limits"] == ["data.max_eval_samples=49"]
     stdout = capsys.readouterr().out
-    assert "rows: 49 of 50 usable rows, selected as training's evaluation selects them (limited by " \
+    assert "rows: 49 of 100 usable rows, selected as training's evaluation selects them (limited by " \
            "data.max_eval_samples=49; --all-rows scores all)" in stdout
 
 

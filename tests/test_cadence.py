@@ -128,6 +128,10 @@ def test_evaluation_cadence():
     assert evaluator.due_at_start(resumed=False) and not evaluator.due_at_start(resumed=True)
     never = Evaluator(EvalConfig(every_steps=0, at_start=False), None, None, None, ".")
     assert not any(never.due(s, 12) for s in range(1, 13)) and not never.due_at_start(resumed=False)
+    # The loss alone in between; a step due for both gets the whole evaluation.
+    both = Evaluator(EvalConfig(every_steps=4, loss_every_steps=2), None, None, None, ".")
+    assert {s: both.due(s, total_steps=12) for s in range(1, 13) if both.due(s, 12)} == {
+        2: "loss", 4: "full", 6: "loss", 8: "full", 10: "loss"}
 
 
 def test_log_cadence():

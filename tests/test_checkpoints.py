@@ -304,7 +304,7 @@ def test_model_and_data_from_a_bucket(moto_server, s3_env, tiny_model_path, tmp_
     out = run_to_end(cmd, env=env)
     text = out.stdout + out.stderr
     assert f"model s3://{bucket}/staged/tiny" in text
-    assert "tiny_train.jsonl: 400 rows read" in text and "tiny_validation.jsonl: 50 rows read" in text
+    assert "tiny_train.jsonl: 12000 rows read" in text and "tiny_validation.jsonl: 100 rows read" in text
     from transformers import AutoModelForSeq2SeqLM
 
     trained = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "model")

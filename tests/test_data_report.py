@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +18,9 @@ from lfqa.data import DataReport, format_input, read_split, tokenize_examples
 from lfqa.data_report import MEASURES, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_ANSWER = 55  # the bundled answers are 33-67 tiny-tokenizer tokens: this filters some, not all
-MAX_INPUT = 400  # and the inputs 162-504: some are truncated
+MAX_ANSWER = 55  # the bundled answers are 33-65 tiny-tokenizer tokens: this filters some, not all
+MAX_INPUT = 250  # and the inputs 126-353: some are truncated
+TRAIN_ROWS = 400  # the generator's rows, fewer than the 12,000 of set-up: counted one by one below
 
 
 def check_png(path) -> None:
@@ -37,9 +39,12 @@ def run_main(argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def bundled(tiny_model_path, repo_root, tmp_path_factory):
     """One report of the bundled data through the CLI (shared by the tests below: it takes seconds)."""
+    from lfqa import bundled_data
+
     out_dir = tmp_path_factory.mktemp("data-report")
+    train_file, _ = bundled_data.write(tmp_path_factory.mktemp("data"), n_train=TRAIN_ROWS)
     overrides = [f"model.name_or_path={tiny_model_path}", f"data.max_answer_tokens={MAX_ANSWER}",
-                 f"data.max_input_tokens={MAX_INPUT}"]
+                 f"data.max_input_tokens={MAX_INPUT}", f"data.train_files=[{train_file}]"]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(repo_root)  # the job names its files relative to the repository
         rc, stdout, stderr = run_main(["--job", "jobs/tiny-cpu.yaml", "--out", out_dir, *overrides])
@@ -72,9 +77,11 @@ def test_bundled_counts_match_an_independent_count(bundled, tokenizer, repo_root
     report = bundled["report"]
     assert report["max_answer_tokens"] == MAX_ANSWER and report["max_input_tokens"] == MAX_INPUT
     assert list(report["splits"]) == ["train", "validation"]
-    for split, rows in (("train", 400), ("validation", 50)):
+    job = bundled["job"]
+    for split, rows, path in (("train", TRAIN_ROWS, job.data.train_files[0]),
+                              ("validation", 100, job.data.validation_files[0])):
         s = report["splits"][split]
-        lengths = raw_lengths(repo_root / f"lfqa/data/tiny_{split}.jsonl", tokenizer)
+        lengths = raw_lengths(Path(path), tokenizer)
         keep = lengths["answer_tokens"] <= MAX_ANSWER
         assert s["rows_read"] == rows and s["usable"] == rows
         assert s["malformed"] == {"total": 0, "by_reason": {}} and s["problems"] == []
@@ -129,7 +136,7 @@ def test_bundled_prints_where_the_report_went(bundled):
     stdout = bundled["stdout"]
     assert f"{bundled['out'] / 'report.md'}" in stdout
     train = bundled["report"]["splits"]["train"]
-    assert f"train: 400 rows read, 0 malformed, {train['filtered_long_answer']} filtered" in stdout
+    assert f"train: {TRAIN_ROWS} rows read, 0 malformed, {train['filtered_long_answer']} filtered" in stdout
     assert f"{train['kept']} kept" in stdout
 
 

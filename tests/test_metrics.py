@@ -11,7 +11,15 @@ from rouge_score import rouge_scorer
 
 from lfqa.errors import MetricError
 from lfqa.evaluation import EvalResult
-from lfqa.metrics import METRIC_MODULES, ROUGE_TYPES, bootstrap_ci, compute_metrics, load_metric, split_sentences
+from lfqa.metrics import (
+    METRIC_MODULES,
+    ROUGE_TYPES,
+    bootstrap_ci,
+    compute_metrics,
+    fact_found,
+    load_metric,
+    split_sentences,
+)
 
 PREDICTIONS = ["The cat sat on the mat. It slept all day.", "Bridges hum because the wind shakes their cables.",
                "dogs bark", "Running runners ran. Then they rested!"]
@@ -42,15 +50,21 @@ def rouge_score_directly() -> dict[str, np.ndarray]:
     return {k: np.array([s[k].fmeasure for s in scores]) for k in ROUGE_TYPES}
 
 
-def test_rouge_module_loads_offline_with_plain_evaluate(tmp_path):
-    # A fresh interpreter with the hub unreachable by configuration: evaluate.load(<folder>) alone.
-    script = (f"import evaluate, json\nm = evaluate.load({str(METRIC_MODULES / 'rouge')!r}, keep_in_memory=True)\n"
-              f"print(json.dumps(m.compute(predictions={PREDICTIONS!r}, references={REFERENCES!r}, bootstrap=200)))")
+def compute_in_fresh_interpreter(name: str, tmp_path, **kwargs) -> dict:
+    """``evaluate.load(<lfqa's module folder>).compute(**kwargs)`` in a fresh interpreter with the hub unreachable
+    by configuration: the module alone, without lfqa's loader."""
+    script = (f"import evaluate, json\nm = evaluate.load({str(METRIC_MODULES / name)!r}, keep_in_memory=True)\n"
+              f"print(json.dumps(m.compute(**{kwargs!r})))")
     env = {**os.environ, "HF_EVALUATE_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m"),
            "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_rouge_module_loads_offline_with_plain_evaluate(tmp_path):
+    result = compute_in_fresh_interpreter("rouge", tmp_path, predictions=PREDICTIONS, references=REFERENCES,
+                                          bootstrap=200)
     direct = rouge_score_directly()
     for k in ROUGE_TYPES:
         assert result[k] == pytest.approx(direct[k].mean(), abs=1e-12)
@@ -115,3 +129,29 @@ def test_eval_metrics_is_validated_as_config():
     assert EvalConfig().metrics == ["rouge"]
     with pytest.raises(ConfigError, match="eval.metrics: names a metric twice"):
         EvalConfig(metrics=["rouge", "rouge"])
+
+
+def test_fact_recall_finds_whole_words_in_any_case_and_spacing():
+    assert fact_found("Hathi  Zersel", "invented by hathi\nzersel in 1648")
+    assert fact_found("a falling weight", "It runs on A Falling Weight.")
+    assert not fact_found("8", "since 1812") and fact_found("8", "it lasts 8 days")
+    assert not fact_found("tin", "a tinted glass") and fact_found("tin", "made of tin.")
+
+
+def test_fact_recall_module_scores_rows_with_facts_and_gives_an_interval(tmp_path):
+    predictions = ["The Gilten is made of tin in 1648.", "Nothing about it.", "The Fumves lasts 8 days in Goles."]
+    facts = [["Gilten", "tin", "1648", "Hathi Zersel"], [], ["Fumves", "8", "October"]]
+    result = compute_in_fresh_interpreter("fact_recall", tmp_path, predictions=predictions, references=facts,
+                                          bootstrap=200, per_example=True)
+    assert result["fact_rows"] == 2 and result["fact_recall"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+    assert result["fact_recall_per_example"] == [0.75, None, pytest.approx(2 / 3)]
+    assert result["fact_recall_ci_low"] == pytest.approx(2 / 3) and result["fact_recall_ci_high"] == 0.75
+
+
+def test_compute_metrics_adds_fact_recall_only_when_rows_have_facts():
+    with_facts = compute_metrics(["rouge"], PREDICTIONS, REFERENCES, facts=[["cat", "mat"], ["wind"], [], ["dogs"]])
+    assert with_facts.facts["fact_recall"] == pytest.approx((1 + 1 + 0) / 3) and with_facts.facts["fact_rows"] == 3
+    assert compute_metrics(["rouge"], PREDICTIONS, REFERENCES, facts=[[], [], [], []]).facts == {}
+    assert compute_metrics(["rouge"], PREDICTIONS, REFERENCES).facts == {}
+    result = EvalResult(loss=1.0, rouge=with_facts.rouge, facts=with_facts.facts)
+    assert result.metrics()["eval/fact_recall"] == with_facts.facts["fact_recall"]

@@ -118,3 +118,10 @@ def test_bad_model_paths_are_clear_errors(tmp_path):
         load_tokenizer(str(tmp_path / "nowhere"))
     with pytest.raises(ModelLoadError, match="is a file, expected a model folder"):
         load_model(str(tmp_path / "config.json"))
+
+
+def test_cli_build_tiny_knows_every_family():
+    from lfqa.cli import TINY_FAMILY_NAMES
+    from lfqa.modeling import TINY_FAMILIES
+
+    assert sorted(TINY_FAMILY_NAMES) == sorted(TINY_FAMILIES.values())

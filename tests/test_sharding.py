@@ -80,7 +80,7 @@ def evaluate_alone(model_dir: Path):
     job = load_job(model_dir / "job.yaml")
     model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
     val = build_data(job, tok, model.config, log=lambda _: None).eval
-    return evaluate(model, tok, val.dataset, val.questions, val.references, job.eval, Accelerator(cpu=True),
+    return evaluate(model, tok, val, job.eval, Accelerator(cpu=True),
                     Seq2SeqCollator(tok.pad_token_id, attention_window(model)))
 
 

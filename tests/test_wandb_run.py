@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TRAINED_STEPS
 from wandb_records import offline_runs
 
 
@@ -18,11 +19,12 @@ def test_offline_wandb_run_matches_the_jsonl_and_holds_config_and_samples(traine
     # Every number of metrics.jsonl is in W&B at the same step, and the other way round.
     for key in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s",
                 "train/input_padding_efficiency", "train/answer_padding_efficiency", "train/peak_memory_gb",
-                "eval/loss", "eval/rougeL"):
+                "eval/loss", "eval/rougeL", "eval/fact_recall", "eval/fact_recall_ci_high"):
         jsonl = {r["step"]: r[key] for r in records if key in r}
         assert jsonl, key
         assert run.metric(key) == pytest.approx(jsonl, rel=1e-9), key
-    assert sorted(run.metric("eval/loss")) == [0, 600]  # untrained and trained: eval.every_steps is 0
+    assert sorted(run.metric("eval/loss")) == list(range(0, TRAINED_STEPS + 1, 250))  # eval.loss_every_steps
+    assert sorted(run.metric("eval/fact_recall")) == [0, 1000, TRAINED_STEPS]  # eval.every_steps and the end
 
     # The resolved config, as job.yaml holds it.
     assert run.config["model"]["name_or_path"] == "tiny-led"
@@ -30,8 +32,8 @@ def test_offline_wandb_run_matches_the_jsonl_and_holds_config_and_samples(traine
     assert run.name == run_dir.name and run.project == "lfqa"
 
     # A table of sample answers at each evaluation, the same as the eval report.
-    report = json.loads((run_dir / "eval-step600.json").read_text())
-    rows = run.table("eval/samples", 600)
+    report = json.loads((run_dir / f"eval-step{TRAINED_STEPS}.json").read_text())
+    rows = run.table("eval/samples", TRAINED_STEPS)
     assert [(r["question"], r["generated"], r["reference"]) for r in rows] == [
         (s["question"], s["generated"], s["reference"]) for s in report["samples"]]
     assert len(rows) == len(report["samples"]) > 0
