@@ -245,6 +245,9 @@ def build_report(job: JobConfig, out_dir, *, splits: Sequence[str] = ("train", "
                  for f in files]
         sources = {FILES_SPLIT: lambda: read_files(local, job.data.fields)}
     else:
+        from lfqa.bundled_data import ensure_training_file
+
+        ensure_training_file(job.data.train_files)  # the bundled rows, as training would write them
         data_cfg = stage_data_files(job.data, endpoint, region)
         sources = {split: (lambda s=split: read_split(data_cfg, s)) for split in splits}
     # Read everything before writing anything (and before the tokenizer loads): a bad file fails at once and
