@@ -376,6 +376,19 @@ def test_token_budget_batches_cover_every_row_once_and_respect_the_budget():
     assert np.mean([len(b) for b in batches]) > 2.4
 
 
+def test_token_budget_batches_of_a_model_without_a_window_share_64_token_buckets():
+    """BART and T5 pad to 8: exact-length buckets would leave nearly every batch with one row."""
+    inp, lab = lfqa_like_lengths(1000)
+    sampler = token_sampler(inp, lab, window=8)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    for batch in batches:
+        assert sampler.batch_tokens(batch) <= 4096 or len(batch) == 1
+        assert len({-(-int(inp[i]) // 64) for i in batch}) == 1
+    assert np.mean([len(b) for b in batches]) > 2.4
+    assert sum(len({-(-int(inp[i]) // 8) for i in b}) > 1 for b in batches) > len(batches) / 10  # lengths mixed
+
+
 def test_token_budget_is_deterministic_per_seed_and_epoch_with_an_exact_length():
     inp, lab = lfqa_like_lengths(700)
     a, b = token_sampler(inp, lab), token_sampler(inp, lab)
