@@ -96,7 +96,7 @@ def test_logged_flops_are_the_flops_model_of_the_rows_trained(job):
     from lfqa.flops import ModelShape, train_flops
 
     watch = Watch()
-    j = job("data.max_train_samples=24", "train.epochs=1", "tracking.log_every_steps=1000")
+    j = job("data.max_train_samples=24", "train.epochs=1", "train.max_steps=null", "tracking.log_every_steps=1000")
     run(j, callbacks=[watch])
     (line,) = train_records(Path(j.output.dir))
     data = watch.trainer.parts.loader.dataset
