@@ -58,12 +58,11 @@ class Evaluator:
 
         result = evaluate(model, tokenizer, self.data, self.cfg, self.accelerator, self.collator,
                           generate=kind == FULL)
+        tracker.log(result.metrics(), step)
         if kind == LOSS_ONLY:
-            tracker.log(result.metrics(), step)
             if self.accelerator.is_main_process:
                 self.log(f"{label}: eval loss {result.loss:.4f}")
             return {"step": step, "loss": result.loss, "metrics": result.metrics()}
-        tracker.log(result.metrics(), step)
         tracker.log_samples(result.samples, step)
         if self.accelerator.is_main_process:
             self._report(result, step, label)

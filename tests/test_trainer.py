@@ -174,3 +174,13 @@ def test_the_same_seed_gives_the_same_run(job, tmp_path):
     assert len(losses_a) == 3 and losses_a == losses_b
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_loss_only_evaluations_log_the_validation_loss_between_full_ones(job):
+    j = job("train.max_steps=4", "eval.loss_every_steps=2", "eval.every_steps=0", "tracking.log_every_steps=1")
+    run(j)
+    run_dir = Path(j.output.dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/loss" in r] == [2, 4]
+    assert [r["step"] for r in records if "eval/rougeL" in r] == [4]  # answers only at the end here
+    assert sorted(p.name for p in run_dir.glob("eval-step*.json")) == ["eval-step4.json"]
