@@ -501,10 +501,6 @@ class Seq2SeqCollator:
         return batch
 
 
-TOKEN_BUCKET = 64
-"""Input tokens per length bucket of token-budget batches, at least (a wider window is the bucket)."""
-
-
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Deterministic, length-grouped batches (all of them: accelerate deals them out to the ranks).
 
@@ -516,10 +512,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     Batches hold ``batch_size`` rows, or, with ``max_tokens``, as many rows (at most ``batch_size``) as fit
     a token budget: a batch costs (longest input rounded up to the window + longest answer) x rows, the
-    tokens the model really processes. Token batches never mix two buckets of ``max(window, 64)`` input
-    tokens (that would pad every input of the batch to the larger one; a model without a window, padded to 8 or
-    1, would get one-row batches from exact-length buckets); a row that alone costs more than the budget gets a
-    batch of its own.
+    tokens the model really processes. Token batches never mix two window buckets (that would pad every
+    input of the batch to the larger one); a row that alone costs more than the budget gets a batch of its own.
 
     The epoch's batches depend only on ``(seed, epoch)`` and ``len()`` is the exact number of batches of the
     epoch set with :meth:`set_epoch` (with ``max_tokens`` it may differ slightly between epochs), so a resumed
@@ -553,7 +547,6 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.epoch = 0
         self._padded_inputs = -(-self.input_lengths // self.window) * self.window
-        self._buckets = -(-self._padded_inputs // max(self.window, TOKEN_BUCKET))
         self._planned: tuple[tuple[int, int], list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -596,19 +589,18 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         """Greedy token-budget batches over ``rows`` in their given order."""
         budget, most = self.max_tokens, self.max_batch_size
         padded, labels = self._padded_inputs[rows].tolist(), self.label_lengths[rows].tolist()
-        buckets = self._buckets[rows].tolist()
         batches: list[list[int]] = []
         batch: list[int] = []
-        width_in = width_out = bucket = 0
-        for row, p, a, b in zip(rows.tolist(), padded, labels, buckets):
+        width_in = width_out = 0
+        for row, p, a in zip(rows.tolist(), padded, labels):
             if batch:
                 new_in, new_out = max(width_in, p), max(width_out, a)
                 if (len(batch) == most or (new_in + new_out) * (len(batch) + 1) > budget
-                        or (self.group_by_length and b != bucket)):
+                        or (self.group_by_length and p != width_in)):
                     batches.append(batch)
                     batch, width_in, width_out = [], 0, 0
             batch.append(row)
-            width_in, width_out, bucket = max(width_in, p), max(width_out, a), b
+            width_in, width_out = max(width_in, p), max(width_out, a)
         if batch:
             batches.append(batch)
         return batches

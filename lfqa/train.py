@@ -251,6 +251,22 @@ def build_collator(job: JobConfig, tokenizer, model):
     return StatsCollator(collator, flops)
 
 
+NO_WINDOW_BUCKET = 64
+"""Input tokens per length bucket of the sampler for models without LED's window (padded to 8 or 1)."""
+
+
+def sampler_window(model) -> int:
+    """The sampler's length bucket: LED's attention window, else :data:`NO_WINDOW_BUCKET` tokens.
+
+    Token-budget batches never mix two buckets; with BART's or T5's exact lengths nearly every batch would hold
+    one row. Counting their inputs padded to 64 tokens also keeps the budget on the safe side of what the
+    collator really makes."""
+    from lfqa.modeling import attention_window
+
+    window = attention_window(model)
+    return window if window > 1 else NO_WINDOW_BUCKET
+
+
 def build_sampler(job: JobConfig, dataset, window: int):
     from lfqa.data import LengthGroupedBatchSampler
 
@@ -361,8 +377,7 @@ def build_parts(ctx: Run):
     model, tokenizer = load_training_model(job, acc, log)
     data = build_data(job, tokenizer, model.config, log, acc.local_main_process_first)
     collate = build_collator(job, tokenizer, model)
-    # The sampler counts a token budget in the padded lengths the collator makes.
-    sampler = build_sampler(job, data.train, collate.collator.pad_to_multiple_of)
+    sampler = build_sampler(job, data.train, sampler_window(model))
     loader = build_loader(data.train, sampler, collate, job.train.seed)
     accum = job.train.gradient_accumulation_steps
     plan = StepPlan(*plan_steps(sampler, acc.num_processes, accum, job.train.epochs, job.train.max_steps))
